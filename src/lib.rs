@@ -1,0 +1,8 @@
+//! ferrotap: a blkif datapath for Xen dom0, tapdisk's replacement.
+//!
+//! `image` is the format layer (raw, VHD, qcow2 and chains of them); `img` holds the
+//! `ferrotap img` commands built on it.
+
+pub mod error;
+pub mod image;
+mod sys;

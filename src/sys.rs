@@ -1,0 +1,70 @@
+//! The few system calls std does not wrap. Every `unsafe` of the image layer lives here.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 127)`: zero a byte range of a block device (may unmap it).
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Size in bytes of the block device open as `fd`.
+pub fn block_device_size(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes exactly one u64 through the pointer, which points at a
+    // live, writable local for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Zero `[offset, offset+len)` of a block device; devices that can unmap do so.
+pub fn block_device_zero_out(fd: &impl AsRawFd, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer, which points at a
+    // live local array of exactly that shape.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fallocate(2)` with the given mode on a regular file.
+pub fn fallocate(fd: &impl AsRawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    loop {
+        // SAFETY: fallocate takes plain integers and an fd owned by the caller; no memory
+        // is shared with the kernel.
+        let rc = unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `lseek(SEEK_DATA or SEEK_HOLE)`: the next data or hole offset at or after `offset`,
+/// or `None` when there is none before the end of the file.
+pub fn seek(fd: &impl AsRawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek takes plain integers and an fd owned by the caller.
+    let rc = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(rc as u64))
+}
