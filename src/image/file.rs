@@ -97,7 +97,7 @@ impl ImageFile {
     }
 
     /// Length in bytes: the file size, or the device size from BLKGETSIZE64.
-    pub fn len(&self) -> Result<u64> {
+    pub fn size(&self) -> Result<u64> {
         if self.block_device {
             sys::block_device_size(&self.file)
                 .map_err(|e| Error::io("BLKGETSIZE64", e).with_path(&self.path))
@@ -113,7 +113,7 @@ impl ImageFile {
     pub fn allocated_bytes(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
         if self.block_device {
-            return self.len();
+            return self.size();
         }
         self.file
             .metadata()
@@ -290,7 +290,7 @@ impl ImageFile {
         self.read_direct_upto(bounce.as_mut_slice(), start)?;
         let skip = (offset - start) as usize;
         bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
-        let file_len = self.len()?;
+        let file_len = self.size()?;
         let end = offset + data.len() as u64;
         self.file
             .write_all_at(bounce.as_slice(), start)

@@ -258,7 +258,7 @@ pub fn open_layer(path: &Path, format: Option<Format>, mode: OpenMode) -> Result
 }
 
 fn probe_file(file: &ImageFile) -> Result<Format> {
-    let len = file.len()?;
+    let len = file.size()?;
     let mut head = [0u8; 512];
     let mut tail = [0u8; 512];
     let head_len = len.min(512) as usize;

@@ -17,7 +17,7 @@ pub struct RawLayer {
 }
 
 pub fn open(file: ImageFile) -> Result<Arc<dyn Layer>> {
-    let size = file.len()?;
+    let size = file.size()?;
     Ok(Arc::new(RawLayer {
         file,
         size: AtomicU64::new(size),
@@ -121,7 +121,7 @@ impl Layer for RawLayer {
     fn resize(&self, new_size: u64) -> Result<()> {
         if self.file.is_block_device() {
             // A device is resized by its owner (LVM); pick up the size it has now.
-            let device_size = self.file.len()?;
+            let device_size = self.file.size()?;
             if new_size > device_size {
                 return Err(Error::invalid(format!(
                     "block device holds {device_size} bytes, cannot grow to {new_size}"
