@@ -5,4 +5,5 @@
 
 pub mod error;
 pub mod image;
+pub mod img;
 mod sys;
