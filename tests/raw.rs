@@ -121,8 +121,8 @@ fn resize_grows_and_shrinks_the_file() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
     let err = image
         .write_at(&[9; 512], (3 << 20) - 512)
-        .err()
-        .expect("past the end");
+        .map(drop)
+        .expect_err("past the end");
     assert!(err.to_string().contains("past the end"), "{err}");
 }
 
@@ -140,7 +140,7 @@ fn raw_refuses_a_backing_file_and_unknown_options() {
             options,
         },
     )
-    .err()
-    .expect("unknown option");
+    .map(drop)
+    .expect_err("unknown option");
     assert!(err.to_string().contains("cluster_size"), "{err}");
 }
