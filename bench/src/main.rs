@@ -2,6 +2,8 @@
 //! qcow2; preallocated and empty) beside fio on the same raw file, in one run, on each
 //! backing directory given. `point` is the child process that measures one ferrotap point.
 
+#![deny(clippy::unwrap_used)]
+
 mod fio;
 mod histogram;
 mod pattern;
