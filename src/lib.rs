@@ -3,6 +3,11 @@
 //! `image` is the format layer (raw, VHD, qcow2 and chains of them); `img` holds the
 //! `ferrotap img` commands built on it.
 
+// Nothing a guest, a file or a peer controls may reach an unwrap in the library; integration
+// tests (separate crates) may unwrap freely.
+#![deny(clippy::unwrap_used)]
+
+pub mod demo;
 pub mod error;
 pub mod image;
 pub mod img;

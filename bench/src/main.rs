@@ -1,5 +1,72 @@
-//! ferrotap-bench (placeholder until the benchmark lands).
+//! ferrotap-bench: ferrotap's benchmarks. `image` measures the image layer (raw, VHD,
+//! qcow2; preallocated and empty) beside fio on the same raw file, in one run, on each
+//! backing directory given. `point` is the child process that measures one ferrotap point.
+
+#![deny(clippy::unwrap_used)]
+
+mod fio;
+mod histogram;
+mod pattern;
+mod point;
+mod procfs;
+mod report;
+mod suite;
+
+use clap::Parser;
+
+use pattern::Workload;
+
+/// Errors are messages for the person running the benchmark.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The parameters fio and ferrotap share for one measured point.
+#[derive(Debug, Clone)]
+pub struct PointConfig {
+    pub workload: Workload,
+    pub jobs: u64,
+    /// Bytes each job works in; job i owns `[i*slice, (i+1)*slice)`.
+    pub slice: u64,
+    pub runtime_ms: u64,
+    /// Stop after one pass over the slice instead of at the runtime, if that comes first.
+    pub one_pass: bool,
+    pub direct: bool,
+    pub seed: u64,
+}
+
+/// One system's figures for one point.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub iops: f64,
+    pub mib_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// CPU time over wall time of the measured window, summed over jobs (100 = one core).
+    pub cpu_pct: f64,
+    /// Peak resident set of the measuring process.
+    pub rss_mib: f64,
+}
+
+#[derive(Parser)]
+#[command(name = "ferrotap-bench", about = "ferrotap's benchmarks")]
+enum Cli {
+    /// The image layer on raw, VHD and qcow2, beside fio on a raw file.
+    Image(suite::ImageArgs),
+    /// (internal) Measure one ferrotap point and print its totals as JSON.
+    #[command(hide = true)]
+    Point(point::PointSpec),
+}
+
 fn main() {
-    eprintln!("ferrotap-bench: no benchmark yet");
-    std::process::exit(2);
+    let result = match Cli::parse() {
+        Cli::Image(args) => suite::run(&args),
+        Cli::Point(spec) => point::run(&spec).and_then(|result| {
+            serde_json::to_string(&result)
+                .map(|line| println!("{line}"))
+                .map_err(|e| e.to_string())
+        }),
+    };
+    if let Err(message) = result {
+        eprintln!("ferrotap-bench: {message}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,111 @@
+//! fio on a raw file with the same pattern as ferrotap's jobs: psync (queue depth 1 per
+//! job), one thread per job, each job in its own slice, seeded uniform random offsets.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::pattern::Workload;
+use crate::procfs::run_monitored;
+use crate::{Measured, PointConfig, Result};
+
+/// fio's version line, or an error saying fio is missing.
+pub fn version() -> Result<String> {
+    let out = Command::new("fio")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("fio is needed (apt-get install fio): {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn command(file: &Path, config: &PointConfig) -> Command {
+    let workload = config.workload;
+    let mut cmd = Command::new("fio");
+    cmd.arg("--name=ferrotap-bench")
+        .arg(format!("--filename={}", file.display()))
+        .arg("--ioengine=psync")
+        .arg(format!("--direct={}", u8::from(config.direct)))
+        .arg(format!("--rw={}", workload.fio_rw()))
+        .arg(format!("--bs={}", workload.block_size()))
+        .arg(format!("--numjobs={}", config.jobs))
+        .arg("--thread")
+        .arg("--group_reporting")
+        .arg(format!("--size={}", config.slice))
+        .arg(format!("--offset_increment={}", config.slice))
+        .arg("--norandommap")
+        .arg("--randrepeat=1")
+        .arg(format!("--randseed={}", config.seed))
+        .arg(format!("--runtime={}ms", config.runtime_ms))
+        // The file is prepared by the harness; fio must neither create nor lay it out.
+        .arg("--allow_file_create=0")
+        .arg("--lat_percentiles=1")
+        .arg("--percentile_list=50:99")
+        .arg("--output-format=json");
+    if !config.one_pass {
+        cmd.arg("--time_based");
+    }
+    cmd
+}
+
+pub fn run(file: &Path, config: &PointConfig) -> Result<Measured> {
+    let run = run_monitored(command(file, config))?;
+    let report: Value =
+        serde_json::from_str(&run.stdout).map_err(|e| format!("fio's JSON output: {e}"))?;
+    let mut measured = parse(&report, config.workload, config.jobs)?;
+    measured.rss_mib = run.peak_rss_kib as f64 / 1024.0;
+    Ok(measured)
+}
+
+/// The figures of fio's (group-reported) job; `rss_mib` is left for the caller.
+fn parse(report: &Value, workload: Workload, jobs: u64) -> Result<Measured> {
+    let job = report
+        .get("jobs")
+        .and_then(|jobs| jobs.get(0))
+        .ok_or("fio's JSON has no job")?;
+    if let Some(error) = job.get("error").and_then(Value::as_i64).filter(|&e| e != 0) {
+        return Err(format!("fio's job failed with error {error}"));
+    }
+    let number = |value: &Value, path: &[&str]| -> Result<f64> {
+        path.iter()
+            .try_fold(value, |v, key| v.get(key))
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("fio's JSON lacks {}", path.join(".")))
+    };
+    let direction = if workload.is_write() { "write" } else { "read" };
+    let stats = job.get(direction).ok_or("fio's JSON lacks the direction")?;
+    let percentile = |key: &str| number(stats, &["lat_ns", "percentile", key]);
+    // usr_cpu and sys_cpu are per job (an average over the group); report the total
+    // across jobs, as ferrotap's row does, where 100% is one core.
+    let cpu_per_job = number(job, &["usr_cpu"])? + number(job, &["sys_cpu"])?;
+    Ok(Measured {
+        iops: number(stats, &["iops"])?,
+        mib_s: number(stats, &["bw_bytes"])? / (1024.0 * 1024.0),
+        p50_us: percentile("50.000000")? / 1000.0,
+        p99_us: percentile("99.000000")? / 1000.0,
+        cpu_pct: cpu_per_job * jobs as f64,
+        rss_mib: 0.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_fio_report() {
+        let report = serde_json::json!({"jobs": [{
+            "error": 0,
+            "usr_cpu": 10.0, "sys_cpu": 30.0,
+            "read": {"iops": 1000.0, "bw_bytes": 4096000.0,
+                     "lat_ns": {"percentile": {"50.000000": 1500, "99.000000": 9000}}},
+            "write": {"iops": 0.0}
+        }]});
+        let m = parse(&report, Workload::RandRead, 2).unwrap();
+        assert_eq!(m.iops, 1000.0);
+        assert!((m.mib_s - 4096000.0 / 1048576.0).abs() < 1e-9);
+        assert_eq!((m.p50_us, m.p99_us), (1.5, 9.0));
+        assert_eq!(m.cpu_pct, 80.0);
+        assert!(parse(&report, Workload::RandWrite, 2).is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The results: one row per measured point, each ferrotap row's ratio to fio's raw figure
+//! (and to ferrotap's own raw figure) for the same workload, state and backing, the table
+//! for the terminal and the JSON file.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use ferrotap::image::Format;
+use serde::Serialize;
+
+use crate::pattern::{State, Workload};
+use crate::suite::Backing;
+use crate::{Measured, Result};
+
+/// Reads of allocated data must reach this fraction of raw's figure (the issue's target).
+const READ_TARGET: f64 = 0.9;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub system: &'static str,
+    pub workload: Workload,
+    pub format: Format,
+    pub state: State,
+    pub backing: String,
+    pub jobs: u64,
+    pub iops: f64,
+    pub mib_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub cpu_pct: f64,
+    pub rss_mib: f64,
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+impl Row {
+    pub fn new(
+        system: &'static str,
+        workload: Workload,
+        format: Format,
+        state: State,
+        backing: &Backing,
+        jobs: u64,
+        m: Measured,
+    ) -> Row {
+        Row {
+            system,
+            workload,
+            format,
+            state,
+            backing: backing.label(),
+            jobs,
+            iops: round(m.iops, 1),
+            mib_s: round(m.mib_s, 2),
+            p50_us: round(m.p50_us, 2),
+            p99_us: round(m.p99_us, 2),
+            cpu_pct: round(m.cpu_pct, 1),
+            rss_mib: round(m.rss_mib, 1),
+        }
+    }
+
+    pub fn progress_line(&self) -> String {
+        format!(
+            "{:<8} {:<5} {:<12} {:<12} {:>10.0} IOPS {:>8.1} MiB/s",
+            self.system, self.format, self.workload, self.state, self.iops, self.mib_s
+        )
+    }
+
+    fn same_point(&self, other: &Row) -> bool {
+        self.workload == other.workload
+            && self.state == other.state
+            && self.backing == other.backing
+    }
+}
+
+/// A ferrotap row against the raw references of the same workload, state and backing
+/// (IOPS ratios, which are also the MiB/s ratios).
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    pub system: &'static str,
+    pub workload: Workload,
+    pub format: Format,
+    pub state: State,
+    pub backing: String,
+    pub vs_fio_raw: Option<f64>,
+    pub vs_ferrotap_raw: Option<f64>,
+}
+
+impl Ratio {
+    /// Reads of allocated data: the rows the issue's target is about.
+    fn is_allocated_read(&self) -> bool {
+        self.state == State::Preallocated && !self.workload.is_write()
+    }
+
+    fn meets_target(&self) -> bool {
+        [self.vs_fio_raw, self.vs_ferrotap_raw]
+            .iter()
+            .all(|r| r.is_some_and(|r| r >= READ_TARGET))
+    }
+}
+
+/// A point that could not be measured, and why.
+#[derive(Debug, Serialize)]
+pub struct Skip {
+    pub system: &'static str,
+    /// `None` when the image could not be made, which holds for every workload.
+    pub workload: Option<Workload>,
+    pub format: &'static str,
+    pub state: &'static str,
+    pub backing: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct BackingInfo {
+    dir: String,
+    fs_type: String,
+    io: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Config {
+    fio: String,
+    jobs: u64,
+    image_size_mib: u64,
+    runtime_ms: u64,
+    seed: u64,
+    qcow2: &'static str,
+    vhd: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    config: Config,
+    backings: Vec<BackingInfo>,
+    runs: Vec<Row>,
+    ratios: Vec<Ratio>,
+    skipped: Vec<Skip>,
+}
+
+impl Report {
+    pub fn new(fio: String, jobs: u64, size: u64, runtime_ms: u64, seed: u64) -> Report {
+        Report {
+            config: Config {
+                fio,
+                jobs,
+                image_size_mib: size >> 20,
+                runtime_ms,
+                seed,
+                qcow2: "compat 1.1 (v3), 64 KiB clusters",
+                vhd: "dynamic, 2 MiB blocks",
+            },
+            backings: Vec::new(),
+            runs: Vec::new(),
+            ratios: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    pub fn add_backing(&mut self, backing: &Backing) {
+        self.backings.push(BackingInfo {
+            dir: backing.label(),
+            fs_type: backing.fs_type.clone(),
+            io: if backing.direct {
+                "O_DIRECT"
+            } else {
+                "buffered (no O_DIRECT on this filesystem)"
+            },
+        });
+    }
+
+    pub fn add(&mut self, row: Row) {
+        self.runs.push(row);
+    }
+
+    /// Record a point not measured; an image that cannot be made on a backing is listed
+    /// once per state, not once per workload.
+    pub fn skip(&mut self, skip: Skip) {
+        let known = skip.workload.is_none()
+            && self.skipped.iter().any(|s| {
+                s.workload.is_none()
+                    && (s.system, s.format, s.state) == (skip.system, skip.format, skip.state)
+                    && s.backing == skip.backing
+            });
+        if !known {
+            self.skipped.push(skip);
+        }
+    }
+
+    /// Compute the ratios of every ferrotap row.
+    pub fn finish(&mut self) {
+        let reference = |system: &str, row: &Row| {
+            self.runs
+                .iter()
+                .find(|r| r.system == system && r.format == Format::Raw && r.same_point(row))
+                .filter(|r| r.iops > 0.0)
+                .map(|r| round(row.iops / r.iops, 3))
+        };
+        self.ratios = self
+            .runs
+            .iter()
+            .filter(|row| row.system == "ferrotap")
+            .map(|row| Ratio {
+                system: row.system,
+                workload: row.workload,
+                format: row.format,
+                state: row.state,
+                backing: row.backing.clone(),
+                vs_fio_raw: reference("fio", row),
+                vs_ferrotap_raw: reference("ferrotap", row).filter(|_| row.format != Format::Raw),
+            })
+            .collect();
+    }
+
+    fn ratio_of(&self, row: &Row) -> Option<&Ratio> {
+        self.ratios.iter().find(|r| {
+            r.system == row.system
+                && r.format == row.format
+                && r.workload == row.workload
+                && r.state == row.state
+                && r.backing == row.backing
+        })
+    }
+
+    /// The table, the target verdicts and what was skipped, for the terminal.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let fmt_ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
+        let _ = writeln!(
+            out,
+            "\nimage layer vs fio: {} job(s), QD {} (psync), {} MiB images, {} ms per point, {}",
+            self.config.jobs,
+            self.config.jobs,
+            self.config.image_size_mib,
+            self.config.runtime_ms,
+            self.config.fio
+        );
+        for b in &self.backings {
+            let _ = writeln!(out, "backing {} ({}): {}", b.dir, b.fs_type, b.io);
+        }
+        let header = format!(
+            "{:<8} {:<12} {:<5} {:<12} {:<10} {:>9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>7} {:>7}",
+            "system",
+            "workload",
+            "fmt",
+            "state",
+            "backing",
+            "IOPS",
+            "MiB/s",
+            "p50 µs",
+            "p99 µs",
+            "CPU%",
+            "RSS MiB",
+            "vs fio",
+            "vs raw"
+        );
+        let _ = writeln!(out, "\n{header}");
+        let _ = writeln!(out, "{}", "-".repeat(header.chars().count()));
+        for row in &self.runs {
+            let ratio = self.ratio_of(row);
+            let _ = writeln!(
+                out,
+                "{:<8} {:<12} {:<5} {:<12} {:<10} {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>6.1} {:>7.1} {:>7} {:>7}",
+                row.system,
+                row.workload.name(),
+                row.format.name(),
+                row.state.name(),
+                row.backing,
+                row.iops,
+                row.mib_s,
+                row.p50_us,
+                row.p99_us,
+                row.cpu_pct,
+                row.rss_mib,
+                fmt_ratio(ratio.and_then(|r| r.vs_fio_raw)),
+                fmt_ratio(ratio.and_then(|r| r.vs_ferrotap_raw)),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n\"vs fio\": IOPS over fio's raw figure, \"vs raw\": over ferrotap's raw figure, \
+             same workload, state and backing, same run."
+        );
+        let _ = writeln!(
+            out,
+            "target: reads of allocated data (preallocated reads) >= {READ_TARGET}x both raw figures"
+        );
+        for ratio in self
+            .ratios
+            .iter()
+            .filter(|r| r.format != Format::Raw && r.is_allocated_read())
+        {
+            let _ = writeln!(
+                out,
+                "  {:<5} {:<12} {:<10} {} fio, {} raw: {}",
+                ratio.format.name(),
+                ratio.workload.name(),
+                ratio.backing,
+                fmt_ratio(ratio.vs_fio_raw),
+                fmt_ratio(ratio.vs_ferrotap_raw),
+                if ratio.meets_target() {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            );
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(out, "\nnot measured:");
+            for skip in &self.skipped {
+                let workload = skip.workload.map_or("every workload", Workload::name);
+                let _ = writeln!(
+                    out,
+                    "  {} {} {} {workload} on {}: {}",
+                    skip.system, skip.format, skip.state, skip.backing, skip.reason
+                );
+            }
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))
+    }
+}

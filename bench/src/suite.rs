@@ -1,0 +1,384 @@
+//! The image benchmark: for every backing directory, every workload and both image states,
+//! fio on a raw file, then ferrotap's image layer on raw, VHD and qcow2, one after the
+//! other so that the systems compared see the same moment of a noisy machine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ferrotap::image::file::{AlignedBuf, DIRECT_ALIGN};
+use ferrotap::image::{create, CreateOptions, Format, Image, ImageFile, ImageOptions, OpenMode};
+
+use crate::pattern::{Rng, State, Workload};
+use crate::point::PointResult;
+use crate::procfs::{filesystem_type, run_monitored};
+use crate::report::{Report, Row, Skip};
+use crate::{fio, Measured, PointConfig, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct ImageArgs {
+    /// Small files and 1 s per point: the whole run in under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Directory to put the images in (repeat for several backings); default: /dev/shm
+    /// (tmpfs) and /var/tmp (disk).
+    #[arg(long = "dir")]
+    dirs: Vec<PathBuf>,
+    /// Threads per system and point (queue depth = jobs: the image layer is synchronous).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    jobs: u64,
+    /// Measured time per point, in milliseconds (default 5000; 1000 with --quick).
+    #[arg(long)]
+    runtime_ms: Option<u64>,
+    /// Virtual size of every image, in MiB (default 1024; 64 with --quick).
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Where to write the JSON results (default bench/results/image.json, or
+    /// image-quick.json with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The formats ferrotap is measured on, in table order.
+const FORMATS: [Format; 3] = [Format::Raw, Format::Vhd, Format::Qcow2];
+/// Seed of every random pattern, so every system sees the same offsets.
+const SEED: u64 = 0x5eed_f00d;
+const MIB: u64 = 1 << 20;
+
+/// A directory the images live in, and how files there are opened.
+pub struct Backing {
+    pub dir: PathBuf,
+    pub fs_type: String,
+    /// O_DIRECT works there; when not, every system runs buffered on this backing.
+    pub direct: bool,
+}
+
+impl Backing {
+    fn probe(dir: &Path) -> Result<Backing> {
+        let fs_type = filesystem_type(dir)?;
+        let direct = supports_direct_io(dir)?;
+        Ok(Backing {
+            dir: dir.to_path_buf(),
+            fs_type,
+            direct,
+        })
+    }
+
+    pub fn label(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn file(&self, name: &str) -> TempFile {
+        TempFile(
+            self.dir
+                .join(format!("ferrotap-bench-{}-{name}", std::process::id())),
+        )
+    }
+}
+
+/// Whether an aligned O_DIRECT write and read work in `dir` (tmpfs refused O_DIRECT
+/// before Linux 6.6).
+fn supports_direct_io(dir: &Path) -> Result<bool> {
+    let probe = TempFile(dir.join(format!(
+        "ferrotap-bench-{}-direct-probe",
+        std::process::id()
+    )));
+    std::fs::write(&probe.0, [0u8; DIRECT_ALIGN])
+        .map_err(|e| format!("writing {}: {e}", probe.0.display()))?;
+    let direct = OpenMode {
+        read_only: false,
+        direct: true,
+    };
+    let mut buf = AlignedBuf::zeroed(DIRECT_ALIGN);
+    Ok(ImageFile::open(&probe.0, direct)
+        .and_then(|file| {
+            file.write_at(buf.as_slice(), 0)?;
+            file.read_at(buf.as_mut_slice(), 0)
+        })
+        .is_ok())
+}
+
+/// A file of the benchmark's, removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `-o` options that give the images the issue asks for.
+fn create_options(format: Format, size: u64) -> CreateOptions {
+    let options: &[(&str, &str)] = match format {
+        Format::Raw => &[],
+        Format::Vhd => &[("subformat", "dynamic")],
+        Format::Qcow2 => &[("compat", "1.1"), ("cluster_size", "65536")],
+    };
+    CreateOptions {
+        size,
+        backing: None,
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Create a fresh (empty) image with ferrotap.
+fn create_image(file: &TempFile, format: Format, size: u64) -> Result<()> {
+    create(&file.0, format, create_options(format, size)).map_err(|e| e.to_string())
+}
+
+/// Write every byte of the image through ferrotap, so that every block or cluster is
+/// allocated before reads are measured.
+fn fill_image(file: &TempFile, format: Format, size: u64, direct: bool) -> Result<()> {
+    let image = Image::open(
+        &file.0,
+        ImageOptions {
+            direct,
+            format: Some(format),
+            ..ImageOptions::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut chunk = AlignedBuf::zeroed(MIB as usize);
+    let mut rng = Rng::new(SEED);
+    let mut offset = 0;
+    while offset < size {
+        rng.fill(chunk.as_mut_slice());
+        let n = MIB.min(size - offset) as usize;
+        image
+            .write_at(&chunk.as_slice()[..n], offset)
+            .map_err(|e| e.to_string())?;
+        offset += n as u64;
+    }
+    image.flush().map_err(|e| e.to_string())
+}
+
+/// What is measured on one backing: fio, then ferrotap on each format.
+#[derive(Clone, Copy)]
+enum System {
+    Fio,
+    Ferrotap(Format),
+}
+
+impl System {
+    fn all() -> impl Iterator<Item = System> {
+        std::iter::once(System::Fio).chain(FORMATS.map(System::Ferrotap))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            System::Fio => "fio",
+            System::Ferrotap(_) => "ferrotap",
+        }
+    }
+
+    fn format(self) -> Format {
+        match self {
+            System::Fio => Format::Raw,
+            System::Ferrotap(format) => format,
+        }
+    }
+}
+
+fn measure_ferrotap(file: &Path, format: Format, config: &PointConfig) -> Result<Measured> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating ferrotap-bench: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("point")
+        .arg("--file")
+        .arg(file)
+        .args(["--format", format.name()])
+        .args(["--workload", config.workload.name()])
+        .args(["--jobs", &config.jobs.to_string()])
+        .args(["--slice", &config.slice.to_string()])
+        .args(["--runtime-ms", &config.runtime_ms.to_string()])
+        .args(["--seed", &config.seed.to_string()]);
+    if config.one_pass {
+        cmd.arg("--one-pass");
+    }
+    if config.direct {
+        cmd.arg("--direct");
+    }
+    let run = run_monitored(cmd)?;
+    let result: PointResult = serde_json::from_str(run.stdout.trim())
+        .map_err(|e| format!("the point's output {:?}: {e}", run.stdout))?;
+    let seconds = result.elapsed_ns.max(1) as f64 / 1e9;
+    Ok(Measured {
+        iops: result.ops as f64 / seconds,
+        mib_s: result.bytes as f64 / seconds / MIB as f64,
+        p50_us: result.p50_ns as f64 / 1000.0,
+        p99_us: result.p99_ns as f64 / 1000.0,
+        cpu_pct: result.cpu_ns as f64 / result.elapsed_ns.max(1) as f64 * 100.0,
+        rss_mib: run.peak_rss_kib as f64 / 1024.0,
+    })
+}
+
+pub fn run(args: &ImageArgs) -> Result<()> {
+    let started = Instant::now();
+    let fio_version = fio::version()?;
+    let dirs = if args.dirs.is_empty() {
+        vec![PathBuf::from("/dev/shm"), PathBuf::from("/var/tmp")]
+    } else {
+        args.dirs.clone()
+    };
+    let size = args.size_mib.unwrap_or(if args.quick { 64 } else { 1024 }) * MIB;
+    let runtime_ms = args
+        .runtime_ms
+        .unwrap_or(if args.quick { 1000 } else { 5000 });
+    // Every job owns a whole number of MiB, so 1 MiB sequential I/O stays in its slice.
+    let slice = size / args.jobs / MIB * MIB;
+    if slice == 0 {
+        return Err(format!(
+            "{} MiB images cannot give {} jobs 1 MiB each",
+            size / MIB,
+            args.jobs
+        ));
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        let name = if args.quick {
+            "image-quick.json"
+        } else {
+            "image.json"
+        };
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(name)
+    });
+    let mut report = Report::new(fio_version, args.jobs, size, runtime_ms, SEED);
+    for dir in &dirs {
+        let backing = Backing::probe(dir)?;
+        eprintln!(
+            "== {} ({}): {}",
+            backing.label(),
+            backing.fs_type,
+            if backing.direct {
+                "O_DIRECT for every system"
+            } else {
+                "no O_DIRECT here: buffered I/O for every system"
+            }
+        );
+        run_backing(&backing, size, slice, runtime_ms, args.jobs, &mut report)?;
+        report.add_backing(&backing);
+    }
+    report.finish();
+    print!("{}", report.render());
+    report.write_json(&out)?;
+    println!(
+        "results: {} ({:.0} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_backing(
+    backing: &Backing,
+    size: u64,
+    slice: u64,
+    runtime_ms: u64,
+    jobs: u64,
+    report: &mut Report,
+) -> Result<()> {
+    // Preallocated images, written once and shared by every workload (writes to them
+    // overwrite in place). fio and ferrotap's raw rows use the same raw file.
+    let mut preallocated: BTreeMap<&str, TempFile> = BTreeMap::new();
+    for format in FORMATS {
+        let file = backing.file(&format!("preallocated.{}", format.name()));
+        let setup = Instant::now();
+        match create_image(&file, format, size)
+            .and_then(|()| fill_image(&file, format, size, backing.direct))
+        {
+            Ok(()) => {
+                eprintln!(
+                    "   preallocated {} ({} MiB) in {:.1} s",
+                    format,
+                    size / MIB,
+                    setup.elapsed().as_secs_f64()
+                );
+                preallocated.insert(format.name(), file);
+            }
+            Err(reason) => report.skip(Skip {
+                system: "ferrotap",
+                workload: None,
+                format: format.name(),
+                state: State::Preallocated.name(),
+                backing: backing.label(),
+                reason,
+            }),
+        }
+    }
+    for workload in Workload::ALL {
+        for state in State::ALL {
+            let config = PointConfig {
+                workload,
+                jobs,
+                slice,
+                runtime_ms,
+                one_pass: state.one_pass(workload),
+                direct: backing.direct,
+                seed: SEED,
+            };
+            for system in System::all() {
+                let format = system.format();
+                let fresh;
+                let file = match state {
+                    State::Preallocated => match preallocated.get(format.name()) {
+                        Some(file) => &file.0,
+                        None => continue, // skipped above, with the reason
+                    },
+                    State::Empty => {
+                        fresh = backing.file(&format!("empty.{}", format.name()));
+                        if let Err(reason) = create_image(&fresh, format, size) {
+                            report.skip(Skip {
+                                system: system.name(),
+                                workload: None,
+                                format: format.name(),
+                                state: state.name(),
+                                backing: backing.label(),
+                                reason,
+                            });
+                            continue;
+                        }
+                        &fresh.0
+                    }
+                };
+                let measured = match system {
+                    System::Fio => fio::run(file, &config),
+                    System::Ferrotap(format) => measure_ferrotap(file, format, &config),
+                };
+                match measured {
+                    Ok(measured) => {
+                        let row = Row::new(
+                            system.name(),
+                            workload,
+                            format,
+                            state,
+                            backing,
+                            jobs,
+                            measured,
+                        );
+                        eprintln!("   {}", row.progress_line());
+                        report.add(row);
+                    }
+                    Err(reason) => {
+                        eprintln!(
+                            "   {} {format} {workload} {state}: FAILED: {reason}",
+                            system.name()
+                        );
+                        report.skip(Skip {
+                            system: system.name(),
+                            workload: Some(workload),
+                            format: format.name(),
+                            state: state.name(),
+                            backing: backing.label(),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
