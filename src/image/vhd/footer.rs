@@ -221,6 +221,14 @@ impl Footer {
         buf
     }
 
+    /// A resize. The original size changes too: it is "informational" in the
+    /// specification, but libvhdi serves it as the disk's size.
+    pub fn set_size(&mut self, size: u64) {
+        self.original_size = size;
+        self.current_size = size;
+        self.geometry = chs_geometry(size);
+    }
+
     /// Made by blktap (vhd-util, tapdisk), whose conventions (batmap, parent time stamp
     /// taken from the parent file's mtime) apply.
     pub fn created_by_blktap(&self) -> bool {

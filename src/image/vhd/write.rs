@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 
 use super::bitmap;
-use super::footer::{chs_geometry, DiskType, FOOTER_SIZE, MAX_CREATE_SIZE};
+use super::footer::{DiskType, FOOTER_SIZE, MAX_CREATE_SIZE};
 use super::{Meta, Sparse, VhdLayer, UNUSED};
 use crate::error::{Error, Result};
 use crate::image::{ReadBelow, SECTOR_SIZE};
@@ -417,8 +417,7 @@ impl VhdLayer {
                 if new_size < old_size {
                     self.check_shrink(sparse, new_size)?;
                 }
-                meta.footer.current_size = new_size;
-                meta.footer.geometry = chs_geometry(new_size);
+                meta.footer.set_size(new_size);
                 let footer = meta.footer.to_bytes();
                 match meta.footer_offset {
                     Some(at) => self.file.write_at(&footer, at)?,
@@ -480,8 +479,7 @@ impl VhdLayer {
                 pos += len;
             }
         }
-        meta.footer.current_size = new_size;
-        meta.footer.geometry = chs_geometry(new_size);
+        meta.footer.set_size(new_size);
         // The new footer first: a crash leaves a valid (if larger) disk.
         self.file.write_at(&meta.footer.to_bytes(), new_size)?;
         if new_size > old_size {
