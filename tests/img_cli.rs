@@ -627,6 +627,116 @@ fn check_exit_codes_match_qemu_img() {
     );
 }
 
+/// The parts of a dynamic VHD these tests edit, located per the VHD spec: the footer's
+/// data offset gives the dynamic header, whose table offset and max table entries give
+/// the BAT; blktap's batmap header (`tdbatmap`) follows the BAT and names its map.
+struct VhdLayout {
+    bytes: Vec<u8>,
+    bat: usize,
+    entries: usize,
+    batmap_header: usize,
+    batmap: usize,
+    batmap_bytes: usize,
+}
+
+impl VhdLayout {
+    fn read(path: &Path) -> VhdLayout {
+        let bytes = fs::read(path).unwrap();
+        let header = be_u64(&bytes, 16) as usize;
+        assert_eq!(&bytes[header..header + 8], b"cxsparse");
+        let bat = be_u64(&bytes, header + 16) as usize;
+        let entries = be_u32(&bytes, header + 28) as usize;
+        let batmap_header = bat
+            + bytes[bat..]
+                .windows(8)
+                .position(|w| w == b"tdbatmap")
+                .expect("ferrotap writes blktap's batmap");
+        let batmap = be_u64(&bytes, batmap_header + 8) as usize;
+        let batmap_bytes = be_u32(&bytes, batmap_header + 16) as usize * 512;
+        VhdLayout {
+            bytes,
+            bat,
+            entries,
+            batmap_header,
+            batmap,
+            batmap_bytes,
+        }
+    }
+
+    fn bat_entry(&self, block: usize) -> u32 {
+        be_u32(&self.bytes, self.bat + 4 * block)
+    }
+
+    /// Set a block's batmap bit (most significant bit first) and keep the batmap's
+    /// checksum (one's complement of the byte sum) right, so only the bit is wrong.
+    fn set_batmap_bit(&mut self, block: usize) {
+        self.bytes[self.batmap + block / 8] |= 0x80 >> (block % 8);
+        let sum: u32 = self.bytes[self.batmap..self.batmap + self.batmap_bytes]
+            .iter()
+            .map(|&b| u32::from(b))
+            .sum();
+        let at = self.batmap_header + 24;
+        self.bytes[at..at + 4].copy_from_slice(&(!sum).to_be_bytes());
+    }
+}
+
+#[test]
+fn vhd_check_exit_codes_on_clean_corrupt_and_leaking_images() {
+    let scratch = Scratch::new();
+    // 8 MiB: blocks 0..2 hold data, block 3 is unallocated.
+    let raw = scratch.path("six.raw");
+    let file = File::create(&raw).unwrap();
+    file.set_len(8 * MIB).unwrap();
+    file.write_all_at(&pattern(3, 6 * MIB as usize), 0).unwrap();
+    drop(file);
+    let clean = scratch.path("clean.vhd");
+    ok(&mut img(&["convert", "-O", "vhd", s(&raw), s(&clean)]));
+    let layout = VhdLayout::read(&clean);
+    assert_eq!(layout.entries, 4);
+    assert_eq!(layout.bat_entry(3), u32::MAX, "block 3 unallocated");
+
+    // Corrupt: the batmap calls unallocated block 3 fully allocated.
+    let mut corrupt = VhdLayout::read(&clean);
+    corrupt.set_batmap_bit(3);
+    let corrupt_path = scratch.path("corrupt.vhd");
+    fs::write(&corrupt_path, &corrupt.bytes).unwrap();
+    // Leaking: 1 MiB nothing references, between the last block and the footer.
+    let bytes = &layout.bytes;
+    let mut leaking = bytes[..bytes.len() - 512].to_vec();
+    leaking.extend(vec![0u8; MIB as usize]);
+    leaking.extend(&bytes[bytes.len() - 512..]);
+    let leaking_path = scratch.path("leaking.vhd");
+    fs::write(&leaking_path, &leaking).unwrap();
+
+    for (path, expected, says) in [
+        (&clean, 0, "No errors were found"),
+        (&corrupt_path, 2, "batmap bit 3"),
+        (&leaking_path, 3, "leaked"),
+    ] {
+        let (rc, stdout, _) = code(&mut img(&["check", s(path)]));
+        assert_eq!(rc, expected, "{}: {stdout}", path.display());
+        assert!(stdout.contains(says), "{stdout}");
+    }
+    // The leak is harmless: the guest still reads the same disk (libvhdi agrees).
+    ok(&mut img(&["compare", s(&leaking_path), s(&raw)]));
+    ok(tool("vhdiinfo").arg(&leaking_path));
+
+    // A BAT entry overlapping another block: refused at open, so check cannot run (1), and
+    // the error names the file, the BAT entry and its offset.
+    let mut overlap = layout.bytes.clone();
+    let entry0 = layout.bat_entry(0).to_be_bytes();
+    overlap[layout.bat + 4..layout.bat + 8].copy_from_slice(&entry0);
+    let overlap_path = scratch.path("overlap.vhd");
+    fs::write(&overlap_path, &overlap).unwrap();
+    let (rc, _, stderr) = code(&mut img(&["check", s(&overlap_path)]));
+    assert_eq!(rc, 1);
+    let bat_entry_1 = format!("BAT entry 1 at offset {:#x}", layout.bat + 4);
+    assert!(
+        stderr.contains("overlap.vhd") && stderr.contains(&bat_entry_1),
+        "{stderr}"
+    );
+}
+
 /// Flatten `chain` to raw with ferrotap, before any commit.
 fn flatten(chain: &Path, out: &Path) {
     ok(&mut img(&["convert", "-O", "raw", s(chain), s(out)]));
@@ -675,6 +785,80 @@ fn commit_qcow2_into_qcow2_equals_the_flattened_chain() {
     ok(&mut qemu_img(&["check", s(&base)]));
     // The top (kept) still reads as the same disk.
     ok(&mut qemu_img(&["compare", s(&top), s(&flat)]));
+}
+
+#[test]
+fn commit_into_a_smaller_raw_base_grows_it() {
+    let scratch = Scratch::new();
+    let base = scratch.patterned_raw("base.raw", 8 * MIB);
+    let top = scratch.path("top.qcow2");
+    ok(&mut qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        s(&top),
+    ]));
+    ok(&mut qemu_img(&["resize", s(&top), "12M"]));
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x21 7M 2M",
+            "write -P 0x22 11M 4k",
+            "write -z 0 64k",
+        ],
+    );
+    let reference = scratch.path("reference.raw");
+    ok(&mut qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        s(&top),
+        s(&reference),
+    ]));
+    ok(&mut img(&["commit", s(&top)]));
+    assert_eq!(qemu_info(&base)["virtual-size"], 12 * MIB);
+    // (qemu-img's -s also compares allocation, which legitimately differs here.)
+    ok(&mut qemu_img(&["compare", s(&base), s(&reference)]));
+    ok(&mut img(&["compare", "-s", s(&base), s(&reference)]));
+}
+
+#[test]
+fn info_with_a_missing_backing_file_still_describes_the_image() {
+    let scratch = Scratch::new();
+    let base = scratch.path("gone.raw");
+    File::create(&base).unwrap().set_len(4 * MIB).unwrap();
+    let top = scratch.path("top.qcow2");
+    ok(&mut img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.raw",
+        s(&top),
+    ]));
+    fs::remove_file(&base).unwrap();
+    let (rc, stdout, stderr) = code(&mut img(&["info", "--json", s(&top)]));
+    assert_eq!(rc, 0, "{stderr}");
+    assert!(
+        stderr.starts_with("ferrotap: warning: ") && stderr.contains("gone.raw"),
+        "{stderr}"
+    );
+    let info = json(&stdout);
+    assert_eq!(info["backing-filename"], "gone.raw");
+    assert_eq!(info["virtual-size"], 4 * MIB);
+    assert!(info.get("chain").is_none());
+    // Commands that need the data fail cleanly.
+    let (rc, _, stderr) = code(&mut img(&["info", "--backing-chain", s(&top)]));
+    assert_eq!(rc, 1);
+    assert!(stderr.contains("backing file not found"), "{stderr}");
+    let (rc, _, _) = code(&mut img(&["compare", s(&top), s(&top)]));
+    assert_eq!(rc, 2);
 }
 
 #[test]

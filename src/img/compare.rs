@@ -2,6 +2,8 @@
 //! Exit 0 "Images are identical.", 1 "Content mismatch at offset N!", 2 on error. As in
 //! qemu-img, N is the offset of the first differing 512-byte sector, and when the sizes
 //! differ the longer image's extra part must read as zeros (unless -s, strict, is given).
+//! Unlike qemu-img's -s, ours does not also require the same allocation: only contents
+//! and sizes count.
 
 use std::path::{Path, PathBuf};
 
