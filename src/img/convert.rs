@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::progress::Progress;
-use super::{for_each_nonzero_run, format_arg, open_image, parse_options, CHUNK};
+use super::{for_each_nonzero_run, format_arg, open_image, parse_options, run_length, CHUNK};
 use crate::error::Result;
 use crate::image::{self, CreateOptions, Format, Image};
 
@@ -95,8 +95,9 @@ pub fn copy_range(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = start;
     while pos < end {
-        let status = source.block_status(pos, (end - pos).min(CHUNK))?;
-        let len = status.len;
+        let want = (end - pos).min(CHUNK);
+        let status = source.block_status(pos, want)?;
+        let len = run_length(status.len, want, pos)?;
         if status.zero {
             stats.skipped += len;
         } else {

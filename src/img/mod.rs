@@ -127,6 +127,15 @@ pub fn parse_options(lists: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(options)
 }
 
+/// The length of a run a layer reported for a request of `asked` bytes at `offset`, kept
+/// within the request; an empty run is an error rather than an endless loop.
+pub fn run_length(reported: u64, asked: u64, offset: u64) -> Result<u64> {
+    if reported == 0 {
+        return Err(Error::invalid("the image layer reported an empty extent").at(offset));
+    }
+    Ok(reported.min(asked))
+}
+
 /// Calls `write` for every run of `data` (guest bytes at `offset`) that is not all zeros,
 /// looking at aligned granules of [`ZERO_GRANULE`] bytes. Returns the bytes skipped.
 pub fn for_each_nonzero_run(
