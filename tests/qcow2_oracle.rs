@@ -176,7 +176,7 @@ fn reads_qemu_images_of_every_compat_and_cluster_size() {
 fn reads_backing_chains_of_raw_vpc_and_qcow2() {
     let dir = tempfile::tempdir().unwrap();
     let size = 8u64 << 20;
-    for (base_fmt, ext) in [("raw", "raw"), ("qcow2", "qcow2")] {
+    for (base_fmt, ext) in [("raw", "raw"), ("vpc", "vhd"), ("qcow2", "qcow2")] {
         for compat in ["0.10", "1.1"] {
             let base = dir.path().join(format!("base-{compat}.{ext}"));
             run(
@@ -473,7 +473,7 @@ fn images_with_backing_files_pass_qemu_img_check_and_compare() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     let base_data = pattern(size as usize, 42);
-    for (fmt, ext) in [("raw", "raw"), ("qcow2", "qcow2")] {
+    for (fmt, ext) in [("raw", "raw"), ("vpc", "vhd"), ("qcow2", "qcow2")] {
         let base = dir.path().join(format!("base.{ext}"));
         run(
             "qemu-img",
