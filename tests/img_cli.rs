@@ -1010,6 +1010,21 @@ fn bad_input_gives_an_error_not_a_panic() {
         assert_eq!(rc, 1, "{case:?}: {stderr}");
         assert!(stderr.starts_with("ferrotap: "), "{case:?}: {stderr}");
     }
+    // Creating over a file the command reads from is refused, and the file survives.
+    let source = scratch.patterned_raw("source.raw", 4 * MIB);
+    let before = fs::read(&source).unwrap();
+    for case in [
+        vec!["convert", "-O", "qcow2", s(&source), s(&source)],
+        vec!["create", "-f", "qcow2", "-b", "source.raw", s(&source)],
+    ] {
+        let (rc, _, stderr) = code(&mut img(&case));
+        assert_eq!(rc, 1, "{case:?}");
+        assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+        assert!(
+            fs::read(&source).unwrap() == before,
+            "{case:?} damaged its source"
+        );
+    }
     // clap rejects an unknown format name before anything runs.
     let (rc, _, stderr) = code(&mut img(&[
         "create",
