@@ -272,6 +272,13 @@ fn missing_and_mismatched_parents() {
     assert_names(&err, &child, "parent unique id", 512 + 40);
     assert!(err.to_string().contains("base.vhd"), "{err}");
 
+    // The right parent, but the child records another parent time stamp.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (_, child2) = chain(dir2.path());
+    patch_header(&child2, 56, &7u32.to_be_bytes());
+    let err = open_err(&child2);
+    assert_names(&err, &child2, "parent time stamp", 512 + 56);
+
     // A raw file in a VHD parent's place: the child records a VHD parent (a parent id),
     // so the parent is opened as a VHD and has no footer.
     std::fs::remove_file(&base).unwrap();

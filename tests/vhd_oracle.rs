@@ -684,6 +684,8 @@ fn vhd_util_layout_differencing_with_batmap() {
             }
         }
     }
+    // The fixture records a parent time stamp that is not the parent footer's, as vhd-util
+    // does (the parent file's mtime): like tapdisk, only the parent id binds it.
     let image = open_rw(&child);
     assert_eq!(
         image.layers().len(),

@@ -127,7 +127,7 @@ impl VhdLayer {
             size: AtomicU64::new(footer.current_size),
             uuid: footer.uuid,
             timestamp: footer.timestamp,
-            created_by_blktap: footer.created_by_blktap(),
+            parent_timestamp_is_mtime: footer.parent_timestamp_is_mtime(),
             creator: footer.creator_app_name(),
             sparse,
             meta: Mutex::new(Meta {
