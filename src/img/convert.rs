@@ -99,9 +99,10 @@ pub fn copy_range(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = start;
     while pos < end {
-        let want = (end - pos).min(CHUNK);
-        let status = source.block_status(pos, want)?;
-        let len = run_length(status.len, want, pos)?;
+        // Zero runs are skipped whole, however long; data is read a chunk at a time.
+        let status = source.block_status(pos, end - pos)?;
+        let run = run_length(status.len, end - pos, pos)?;
+        let len = if status.zero { run } else { run.min(CHUNK) };
         if status.zero {
             stats.skipped += len;
         } else {
