@@ -7,6 +7,7 @@
 // tests (separate crates) may unwrap freely.
 #![deny(clippy::unwrap_used)]
 
+pub mod demo;
 pub mod error;
 pub mod image;
 pub mod img;

@@ -1,3 +1,45 @@
-fn main() {
-    println!("ferrotap");
+//! The `ferrotap` command: `img` (qemu-img's verbs on ferrotap's image layer) and `demo`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ferrotap::demo::{self, DemoArgs};
+use ferrotap::img::{self, ImgCommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrotap",
+    version,
+    about = "A blkif datapath for Xen dom0: tapdisk's replacement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Image tools with qemu-img's conventions (create, info, check, map, convert, ...).
+    Img {
+        #[command(subcommand)]
+        command: ImgCommand,
+    },
+    /// Run a self-contained tour of the image layer in a temporary directory.
+    Demo(DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match &cli.command {
+        Command::Img { command } => img::run(command),
+        Command::Demo(args) => match demo::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                img::report_error(&err);
+                1
+            }
+        },
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -1,20 +1,642 @@
-//! qcow2: versions 2 and 3 (placeholder until the qcow2 work lands).
+//! qcow2, versions 2 and 3 (compat 0.10 and 1.1).
+//!
+//! Layout of this module: `header` (header, extensions, feature bits), `l2cache` (the
+//! in-memory L1 table and the bounded lock-free L2 cache), `refcount` (refcounts of any
+//! width, allocation, refcount table growth), `alloc` (writes, copy-on-write, discard,
+//! resize), `compress` (compressed clusters), `check` (consistency check and refcount
+//! rebuild), `create`, `snapshot` (the snapshot table, tolerated).
+//!
+//! Refcount policy: refcounts are always updated eagerly, in crash-safe order (a cluster
+//! is counted before any table points at it; a pointer is removed before the count drops).
+//! Because those writes are not synced one by one, a v3 image is marked dirty (incompatible
+//! bit 0, synced) before its first metadata change and marked clean again at flush and on
+//! close: a crash leaves the dirty bit set, and whoever opens the image next (ferrotap or
+//! qemu) rebuilds the refcounts, exactly as for lazy_refcounts images. So lazy_refcounts
+//! is honoured (such images are repaired when found dirty) but never needed. v2 images
+//! have no dirty bit: their clusters are counted in batches that are synced before any L2
+//! entry points at them (a crash can leak up to one batch, never double-allocate).
+//!
+//! Memory: the L1 table (at most 32 MiB), the L2 cache (at most 8 MiB, see `l2cache`),
+//! the refcount table (at most 8 MiB) and 4 refcount blocks; `check` also counts
+//! references in 2 bytes per host cluster while it runs.
 
-use std::path::Path;
+mod alloc;
+mod check;
+mod compress;
+mod create;
+mod header;
+mod l2cache;
+mod refcount;
+mod snapshot;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{CreateOptions, ImageFile, Layer};
-use crate::error::{Error, Result};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use super::{BackingRef, CheckReport, Extent, Format, ImageFile, Layer, Mapping, ReadBelow};
+use crate::error::{Error, ErrorKind, Result};
+use compress::CompressedExtent;
+use header::{field, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use l2cache::{L1Table, L2Cache, L2Table};
+use refcount::Refcounts;
+use snapshot::SnapshotTable;
+
+pub use create::create;
+
+/// Bits 9..55 of L1 and standard L2 entries: a cluster offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const FLAG_COPIED: u64 = 1 << 63;
+const FLAG_COMPRESSED: u64 = 1 << 62;
+const FLAG_ZERO: u64 = 1;
 
 /// qcow2 files start with `QFI\xfb`.
 pub fn probe(head: &[u8]) -> bool {
-    head.starts_with(b"QFI\xfb")
+    head.starts_with(header::MAGIC)
 }
 
 pub fn open(file: ImageFile) -> Result<Arc<dyn Layer>> {
-    Err(Error::unsupported("qcow2 is not implemented yet").with_path(file.path()))
+    Ok(Arc::new(Qcow2Layer::open(file)?))
 }
 
-pub fn create(_path: &Path, _options: CreateOptions) -> Result<()> {
-    Err(Error::unsupported("qcow2 is not implemented yet"))
+/// What one L2 entry says about its guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cluster {
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster (0 when none).
+    Zero {
+        host: u64,
+        copied: bool,
+    },
+    Data {
+        host: u64,
+        copied: bool,
+    },
+    Compressed(CompressedExtent),
+}
+
+/// State changed only under the metadata mutex.
+struct Meta {
+    refcounts: Refcounts,
+    incompatible: u64,
+}
+
+pub struct Qcow2Layer {
+    file: ImageFile,
+    header: Header,
+    cluster_bits: u32,
+    /// log2 of the entries in one L2 table.
+    l2_bits: u32,
+    size: AtomicU64,
+    l1: ArcSwap<L1Table>,
+    l2_cache: L2Cache,
+    /// Cluster-aligned end of the file as far as mapped clusters may reach.
+    file_end: AtomicU64,
+    /// The refcount table's place, for the metadata-overlap check of `map`.
+    refcount_table: (AtomicU64, AtomicU64),
+    meta: Mutex<Meta>,
+    /// The image carried the corrupt bit at open: writes are refused.
+    corrupt: bool,
+    /// We set the dirty bit and owe a clean header at flush or close.
+    dirty_set: AtomicBool,
+    snapshots: SnapshotTable,
+    backing: Option<BackingRef>,
+}
+
+impl Qcow2Layer {
+    fn open(file: ImageFile) -> Result<Qcow2Layer> {
+        let file_len = file.size()?;
+        let header = Header::read(&file, file_len)?;
+        let cs = header.cluster_size();
+        let backing = Self::backing_ref(&file, &header)?;
+        let file_end = file_len.next_multiple_of(cs);
+        let l1 = Self::read_l1(&file, &header, file_end)?;
+        let refcounts = Refcounts::load(
+            &file,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters),
+            file_len,
+        )?;
+        let snapshots = snapshot::read(&file, &header, file_len)?;
+        let layer = Qcow2Layer {
+            cluster_bits: header.cluster_bits,
+            l2_bits: header.cluster_bits - 3,
+            size: AtomicU64::new(header.size),
+            l1: ArcSwap::from_pointee(L1Table::new(header.l1_table_offset, l1)),
+            l2_cache: L2Cache::new(cs),
+            file_end: AtomicU64::new(file_end),
+            refcount_table: (
+                AtomicU64::new(header.refcount_table_offset),
+                AtomicU64::new(u64::from(header.refcount_table_clusters) * cs),
+            ),
+            meta: Mutex::new(Meta {
+                refcounts,
+                incompatible: header.incompatible,
+            }),
+            corrupt: header.incompatible & INCOMPAT_CORRUPT != 0,
+            dirty_set: AtomicBool::new(false),
+            snapshots,
+            backing,
+            header,
+            file,
+        };
+        if !layer.file.read_only() && !layer.corrupt {
+            layer.prepare_for_writes()?;
+        }
+        Ok(layer)
+    }
+
+    /// On a writable open: repair a dirty image and drop auto-clear bits we do not keep.
+    fn prepare_for_writes(&self) -> Result<()> {
+        let mut meta = self.meta.lock();
+        if meta.incompatible & INCOMPAT_DIRTY != 0 {
+            self.rebuild_refcounts(&mut meta)?;
+            self.file.sync()?;
+            meta.incompatible &= !INCOMPAT_DIRTY;
+            self.write_incompatible(meta.incompatible)?;
+            self.file.sync()?;
+        }
+        if self.header.autoclear != 0 {
+            self.file
+                .write_at(&0u64.to_be_bytes(), field::AUTOCLEAR_FEATURES)?;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
+    fn backing_ref(file: &ImageFile, header: &Header) -> Result<Option<BackingRef>> {
+        let Some(name) = &header.backing_file else {
+            return Ok(None);
+        };
+        let format = match &header.backing_format {
+            None => None,
+            Some(f) => Some(Format::parse(f).map_err(|_| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("backing file format '{f}' is not supported (raw, vpc/vhd, qcow2)"),
+                )
+                .with_path(file.path())
+                .with_field("backing format extension")
+                .at(header.backing_format_offset)
+            })?),
+        };
+        let candidate = Path::new(name);
+        let full: PathBuf = if candidate.is_absolute() {
+            candidate.to_path_buf()
+        } else {
+            file.path()
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(candidate)
+        };
+        if let Ok(meta) = std::fs::metadata(&full) {
+            use std::os::unix::fs::MetadataExt;
+            if (meta.dev(), meta.ino()) == file.identity()? {
+                return Err(Error::corrupt(
+                    file.path(),
+                    "backing file name",
+                    header.backing_file_offset,
+                    format!("backing file '{name}' is the image itself"),
+                ));
+            }
+        }
+        Ok(Some(BackingRef {
+            paths: vec![name.clone()],
+            format,
+        }))
+    }
+
+    fn read_l1(file: &ImageFile, header: &Header, file_end: u64) -> Result<Vec<u64>> {
+        let cs = header.cluster_size();
+        let mut bytes = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut bytes, header.l1_table_offset)?;
+        let l1_end = header.l1_table_offset + bytes.len() as u64;
+        let rt_start = header.refcount_table_offset;
+        let rt_end = rt_start + u64::from(header.refcount_table_clusters) * cs;
+        let mut entries = Vec::with_capacity(header.l1_size as usize);
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            let entry = u64::from_be_bytes(b);
+            let offset = entry & OFFSET_MASK;
+            let at = header.l1_table_offset + 8 * i as u64;
+            let bad = |msg: String| Error::corrupt(file.path(), &format!("L1 entry {i}"), at, msg);
+            if offset != 0 {
+                if !offset.is_multiple_of(cs) {
+                    return Err(bad(format!(
+                        "L2 table offset {offset:#x} is not cluster aligned"
+                    )));
+                }
+                if offset + cs > file_end {
+                    return Err(bad(format!(
+                        "L2 table at {offset:#x} lies past the end of the file"
+                    )));
+                }
+                if offset < l1_end && offset + cs > header.l1_table_offset {
+                    return Err(bad(format!(
+                        "L2 table at {offset:#x} overlaps the L1 table"
+                    )));
+                }
+                if offset < rt_end && offset + cs > rt_start {
+                    return Err(bad(format!(
+                        "L2 table at {offset:#x} overlaps the refcount table"
+                    )));
+                }
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn virtual_size_now(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The cached L2 table of `l1_index` (at `offset`), reading it on a miss.
+    fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
+        if let Some(table) = self.l2_cache.get(l1_index, offset) {
+            return Ok(table);
+        }
+        let _meta = self.meta.lock();
+        self.load_l2_locked(l1_index, offset)
+    }
+
+    /// Like `l2_table`, for callers that hold the metadata lock.
+    fn load_l2_locked(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
+        if let Some(table) = self.l2_cache.get(l1_index, offset) {
+            return Ok(table);
+        }
+        let mut bytes = vec![0u8; self.cs() as usize];
+        self.file.read_at(&mut bytes, offset)?;
+        let table = Arc::new(L2Table::from_bytes(l1_index, offset, &bytes));
+        self.l2_cache.insert(Arc::clone(&table));
+        Ok(table)
+    }
+
+    /// The L1 entry of `l1_index` (0 past the table).
+    fn l1_entry(&self, l1_index: u64) -> u64 {
+        self.l1.load().get(l1_index).unwrap_or(0)
+    }
+
+    /// Decode and validate one L2 entry.
+    fn classify(&self, entry: u64, table: &L2Table, index: u64) -> Result<Cluster> {
+        let bad = |msg: String| {
+            Error::corrupt(
+                self.path(),
+                &format!("L2 entry {index} of L2 table at {:#x}", table.offset),
+                table.offset + index * 8,
+                msg,
+            )
+        };
+        let cs = self.cs();
+        let file_end = self.file_end.load(Ordering::Acquire);
+        if entry & FLAG_COMPRESSED != 0 {
+            if entry & FLAG_COPIED != 0 {
+                return Err(bad("compressed cluster with the COPIED flag".into()));
+            }
+            let extent = CompressedExtent::decode(entry & !FLAG_COMPRESSED, self.cluster_bits);
+            if extent.offset < cs || extent.offset >= file_end {
+                return Err(bad(format!(
+                    "compressed data at {:#x} lies in the header or past the end of the file",
+                    extent.offset
+                )));
+            }
+            self.check_not_metadata(extent.offset, extent.len, &bad)?;
+            return Ok(Cluster::Compressed(extent));
+        }
+        let host = entry & OFFSET_MASK;
+        let copied = entry & FLAG_COPIED != 0;
+        if host != 0 {
+            if !host.is_multiple_of(cs) {
+                return Err(bad(format!(
+                    "cluster offset {host:#x} is not cluster aligned"
+                )));
+            }
+            if host + cs > file_end {
+                return Err(bad(format!(
+                    "cluster at {host:#x} lies past the end of the file"
+                )));
+            }
+            self.check_not_metadata(host, cs, &bad)?;
+        }
+        if entry & FLAG_ZERO != 0 {
+            if self.header.version < 3 {
+                return Err(bad("zero flag in a version 2 image".into()));
+            }
+            return Ok(Cluster::Zero { host, copied });
+        }
+        if host == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        Ok(Cluster::Data { host, copied })
+    }
+
+    /// Data must not lie in the L1 or refcount table (O(1): two range tests).
+    fn check_not_metadata(
+        &self,
+        start: u64,
+        len: u64,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<()> {
+        let l1 = self.l1.load();
+        let l1_end = l1.offset + l1.len() * 8;
+        if l1.len() > 0 && start < l1_end && start + len > l1.offset {
+            return Err(bad(format!(
+                "cluster at {start:#x} points into the L1 table at {:#x}",
+                l1.offset
+            )));
+        }
+        let rt = self.refcount_table.0.load(Ordering::Acquire);
+        let rt_end = rt + self.refcount_table.1.load(Ordering::Acquire);
+        if start < rt_end && start + len > rt {
+            return Err(bad(format!(
+                "cluster at {start:#x} points into the refcount table at {rt:#x}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The entry for one guest cluster (lock-free on a cache hit).
+    fn lookup(&self, guest_cluster: u64) -> Result<Cluster> {
+        let l1_index = guest_cluster >> self.l2_bits;
+        let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        let table = self.l2_table(l1_index, l2_offset)?;
+        let index = guest_cluster & (self.l2_entries() - 1);
+        self.classify(table.get(index), &table, index)
+    }
+
+    fn mapping(&self, cluster: Cluster, in_cluster: u64) -> Mapping {
+        match cluster {
+            Cluster::Unallocated => Mapping::Parent,
+            Cluster::Zero { .. } => Mapping::Zero,
+            Cluster::Compressed(_) => Mapping::Encoded,
+            Cluster::Data { host, copied } => Mapping::Data {
+                file_offset: host + in_cluster,
+                // A corrupt-flagged image sends every write to `Layer::write`, which refuses.
+                shared: !copied || self.corrupt,
+            },
+        }
+    }
+
+    /// Read a compressed cluster whole.
+    fn read_compressed(&self, extent: CompressedExtent, out: &mut [u8]) -> Result<()> {
+        let file_len = self.file.size()?;
+        let len = extent.len.min(file_len.saturating_sub(extent.offset)) as usize;
+        let mut input = vec![0u8; len];
+        self.file.read_at(&mut input, extent.offset)?;
+        compress::decompress(self.header.compression, &input, out).map_err(|msg| {
+            Error::corrupt(
+                self.path(),
+                "compressed cluster",
+                extent.offset,
+                format!("{} data: {msg}", self.header.compression.name()),
+            )
+        })
+    }
+
+    fn write_incompatible(&self, bits: u64) -> Result<()> {
+        self.file
+            .write_at(&bits.to_be_bytes(), field::INCOMPATIBLE_FEATURES)
+    }
+
+    fn refuse_if_corrupt(&self) -> Result<()> {
+        if self.corrupt {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the image is marked corrupt (incompatible feature bit 1): writes are refused, \
+                 reads are allowed; repair it with qemu-img check -r all",
+            )
+            .with_path(self.path())
+            .with_field("incompatible_features")
+            .at(field::INCOMPATIBLE_FEATURES));
+        }
+        Ok(())
+    }
+
+    /// Publish what `map` validates against after a metadata change.
+    fn publish(&self, meta: &Meta) {
+        self.file_end
+            .fetch_max(meta.refcounts.eof, Ordering::AcqRel);
+        self.refcount_table
+            .0
+            .store(meta.refcounts.table_offset, Ordering::Release);
+        self.refcount_table.1.store(
+            meta.refcounts.table_clusters << self.cluster_bits,
+            Ordering::Release,
+        );
+    }
+
+    /// Make everything durable and the header clean (v3 dirty bit cleared).
+    fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
+        meta.refcounts.release_reserve(&self.file)?;
+        self.file.sync()?;
+        if self.dirty_set.swap(false, Ordering::AcqRel) {
+            meta.incompatible &= !INCOMPAT_DIRTY;
+            self.write_incompatible(meta.incompatible)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Layer {
+    fn drop(&mut self) {
+        if self.file.read_only() || self.corrupt {
+            return;
+        }
+        let meta = self.meta.get_mut();
+        // Errors cannot be reported from drop; a dirty bit left behind is repaired on open.
+        let clean = meta.refcounts.release_reserve(&self.file).is_ok() && self.file.sync().is_ok();
+        if clean && self.dirty_set.swap(false, Ordering::AcqRel) {
+            meta.incompatible &= !INCOMPAT_DIRTY;
+            let bits = meta.incompatible;
+            if self.write_incompatible(bits).is_ok() {
+                let _ = self.file.sync();
+            }
+        }
+    }
+}
+
+impl Layer for Qcow2Layer {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn file(&self) -> &ImageFile {
+        &self.file
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn backing(&self) -> Option<BackingRef> {
+        self.backing.clone()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let cs = self.cs();
+        let guest_cluster = offset >> self.cluster_bits;
+        let l1_index = guest_cluster >> self.l2_bits;
+        let table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits);
+        let max_len = len.min(table_end - offset);
+        let in_cluster = offset & (cs - 1);
+        let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok(Extent {
+                offset,
+                len: max_len,
+                mapping: Mapping::Parent,
+            });
+        }
+        let table = self.l2_table(l1_index, l2_offset)?;
+        let mut index = guest_cluster & (self.l2_entries() - 1);
+        let first = self.classify(table.get(index), &table, index)?;
+        let mut got = (cs - in_cluster).min(max_len);
+        let mut clusters = 1;
+        // Extend over following entries of the same kind (O(1) per cluster).
+        while got < max_len {
+            index += 1;
+            let next = self.classify(table.get(index), &table, index)?;
+            let continues = match (first, next) {
+                (
+                    Cluster::Data { host, copied },
+                    Cluster::Data {
+                        host: next_host,
+                        copied: next_copied,
+                    },
+                ) => copied == next_copied && next_host == host + clusters * cs,
+                (Cluster::Unallocated, Cluster::Unallocated)
+                | (Cluster::Zero { .. }, Cluster::Zero { .. })
+                | (Cluster::Compressed(_), Cluster::Compressed(_)) => true,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            got += cs.min(max_len - got);
+            clusters += 1;
+        }
+        Ok(Extent {
+            offset,
+            len: got,
+            mapping: self.mapping(first, in_cluster),
+        })
+    }
+
+    fn read_encoded(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.cs();
+        let mut cluster_buf = Vec::new();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_cluster = (pos & (cs - 1)) as usize;
+            let n = (cs as usize - in_cluster).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            // The entry is looked up again: a write may have replaced it since `map`.
+            match self.lookup(pos >> self.cluster_bits)? {
+                Cluster::Compressed(extent) => {
+                    cluster_buf.resize(cs as usize, 0);
+                    self.read_compressed(extent, &mut cluster_buf)?;
+                    piece.copy_from_slice(&cluster_buf[in_cluster..in_cluster + n]);
+                }
+                Cluster::Data { host, .. } => self.file.read_at(piece, host + in_cluster as u64)?,
+                Cluster::Zero { .. } => piece.fill(0),
+                Cluster::Unallocated if self.backing.is_none() => piece.fill(0),
+                Cluster::Unallocated => {
+                    return Err(
+                        Error::invalid("compressed cluster was discarded while being read")
+                            .with_path(self.path())
+                            .at(pos),
+                    )
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
+        self.refuse_if_corrupt()?;
+        let mut meta = self.meta.lock();
+        let result = self.write_locked(&mut meta, offset, data, below);
+        self.publish(&meta);
+        result
+    }
+
+    fn discard(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+        self.refuse_if_corrupt()?;
+        let mut meta = self.meta.lock();
+        let result = self.discard_locked(&mut meta, offset, len, below);
+        self.publish(&meta);
+        result
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.file.read_only() || self.corrupt {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock();
+        self.flush_locked(&mut meta)
+    }
+
+    fn check(&self) -> Result<CheckReport> {
+        let mut meta = self.meta.lock();
+        if !self.file.read_only() && !self.corrupt {
+            meta.refcounts.release_reserve(&self.file)?;
+        }
+        self.check_locked(&mut meta)
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.refuse_if_corrupt()?;
+        let mut meta = self.meta.lock();
+        let result = self.resize_locked(&mut meta, new_size);
+        self.publish(&meta);
+        result
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.cs()
+    }
+
+    fn details(&self) -> serde_json::Value {
+        let meta = self.meta.lock();
+        let h = &self.header;
+        serde_json::json!({
+            "compat": if h.version == 2 { "0.10" } else { "1.1" },
+            "version": h.version,
+            "cluster-size": self.cs(),
+            "refcount-bits": 1u32 << h.refcount_order,
+            "lazy-refcounts": h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0,
+            "dirty": meta.incompatible & INCOMPAT_DIRTY != 0,
+            "corrupt": self.corrupt,
+            "compression-type": h.compression.name(),
+            "snapshots": self.snapshots.snapshots.len(),
+            "backing-format": h.backing_format,
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
