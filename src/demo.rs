@@ -182,22 +182,23 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let base_raw = at("base.raw");
     create_image(&base_raw, Format::Raw, Some(size), None, no_options())?;
     let written_part = size / 4 * 3;
-    let started = Instant::now();
+    let mut write_time = Duration::ZERO;
     {
         let base = open_image(&base_raw, Some(Format::Raw), false)?;
         let mut buf = vec![0u8; MIB as usize];
         let mut pos = 0;
         while pos < written_part {
             pattern(1, pos, &mut buf);
+            let started = Instant::now();
             base.write_at(&buf, pos)?;
+            write_time += started.elapsed();
             pos += MIB;
         }
+        let started = Instant::now();
         base.flush()?;
+        write_time += started.elapsed();
     }
-    println!(
-        "1. raw base written: {}",
-        rate(written_part, started.elapsed())
-    );
+    println!("1. raw base written: {}", rate(written_part, write_time));
 
     // 2. A qcow2 overlay on it, with guest writes and a discard through ferrotap.
     let overlay = at("overlay.qcow2");

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::progress::Progress;
-use super::{format_arg, open_image, CHUNK};
+use super::{format_arg, open_image, run_length, CHUNK};
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, Layer, Mapping};
 
@@ -104,8 +104,9 @@ fn merge(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < size {
-        let extent = top.map(pos, (size - pos).min(CHUNK))?;
-        let len = extent.len;
+        // Unallocated and zero runs are handled whole; data is copied a chunk at a time.
+        let extent = top.map(pos, size - pos)?;
+        let mut len = run_length(extent.len, size - pos, pos)?;
         match extent.mapping {
             Mapping::Parent => {}
             Mapping::Zero => {
@@ -118,6 +119,7 @@ fn merge(
                 stats.zeroed += len;
             }
             Mapping::Data { .. } | Mapping::Encoded => {
+                len = len.min(CHUNK);
                 let data = &mut buf[..len as usize];
                 source.read_at(data, pos)?;
                 target.write_at(data, pos)?;

@@ -2,12 +2,14 @@
 //! Exit 0 "Images are identical.", 1 "Content mismatch at offset N!", 2 on error. As in
 //! qemu-img, N is the offset of the first differing 512-byte sector, and when the sizes
 //! differ the longer image's extra part must read as zeros (unless -s, strict, is given).
+//! Unlike qemu-img's -s, ours does not also require the same allocation: only contents
+//! and sizes count.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::{format_arg, open_image, report_error, CHUNK};
+use super::{format_arg, open_image, report_error, run_length, CHUNK};
 use crate::error::Result;
 use crate::image::{Format, Image, SECTOR_SIZE};
 
@@ -104,11 +106,13 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
     let mut buf_b = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < common {
-        let want = (common - pos).min(CHUNK);
-        let status_a = a.block_status(pos, want)?;
-        let status_b = b.block_status(pos, want)?;
-        let len = status_a.len.min(status_b.len);
-        if !(status_a.zero && status_b.zero) {
+        // Runs both sides report as zero are skipped whole; the rest is read in chunks.
+        let status_a = a.block_status(pos, common - pos)?;
+        let status_b = b.block_status(pos, common - pos)?;
+        let run = run_length(status_a.len.min(status_b.len), common - pos, pos)?;
+        let both_zero = status_a.zero && status_b.zero;
+        let len = if both_zero { run } else { run.min(CHUNK) };
+        if !both_zero {
             let (da, db) = (&mut buf_a[..len as usize], &mut buf_b[..len as usize]);
             a.read_at(da, pos)?;
             b.read_at(db, pos)?;
@@ -136,8 +140,13 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
 pub fn first_nonzero(image: &Image, start: u64, end: u64, buf: &mut [u8]) -> Result<Option<u64>> {
     let mut pos = start;
     while pos < end {
-        let status = image.block_status(pos, (end - pos).min(buf.len() as u64))?;
-        let len = status.len;
+        let status = image.block_status(pos, end - pos)?;
+        let run = run_length(status.len, end - pos, pos)?;
+        let len = if status.zero {
+            run
+        } else {
+            run.min(buf.len() as u64)
+        };
         if !status.zero {
             let data = &mut buf[..len as usize];
             image.read_at(data, pos)?;

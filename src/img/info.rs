@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::size::human_size;
-use super::{format_arg, report_error, wants_json, OutputFormat};
+use super::{format_arg, wants_json, OutputFormat};
 use crate::error::Result;
 use crate::image::{Format, Image, ImageOptions, Layer};
 
@@ -45,7 +45,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
                     ..options
                 },
             )?;
-            report_error(&err.with_field("backing chain"));
+            eprintln!("ferrotap: warning: {err}");
             (alone, false)
         }
         Err(err) => return Err(err),

@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{format_arg, open_image, wants_json, OutputFormat};
+use super::{format_arg, open_image, run_length, wants_json, OutputFormat};
 use crate::error::Result;
 use crate::image::{Extent, Format, Image, Mapping};
 
@@ -71,7 +71,7 @@ pub fn guest_map(image: &Image) -> Result<Vec<MapEntry>> {
         let status = image.block_status(pos, size - pos)?;
         let mut entry = MapEntry {
             start: pos,
-            length: status.len,
+            length: run_length(status.len, size - pos, pos)?,
             depth: status.depth.unwrap_or(bottom),
             present: status.depth.is_some(),
             zero: status.zero,
@@ -83,8 +83,8 @@ pub fn guest_map(image: &Image) -> Result<Vec<MapEntry>> {
             // Where the bytes lie in that layer's file (map may cut the run shorter). A raw
             // file's hole is zero by status yet still has its offset, as qemu-img shows.
             let layer = &image.layers()[depth];
-            let extent = layer.map(pos, status.len)?;
-            entry.length = extent.len;
+            let extent = layer.map(pos, entry.length)?;
+            entry.length = run_length(extent.len, entry.length, pos)?;
             match extent.mapping {
                 Mapping::Data { file_offset, .. } => entry.offset = Some(file_offset),
                 Mapping::Encoded => entry.compressed = !status.zero,

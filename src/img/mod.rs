@@ -109,6 +109,25 @@ pub fn open_image(path: &Path, format: Option<Format>, read_only: bool) -> Resul
     )
 }
 
+/// Refuse to create `target` over a file that `image` (a chain) reads from: creating
+/// truncates the file, which would destroy the data being copied or backed onto.
+pub fn refuse_overwriting(target: &Path, image: &Image) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    for layer in image.layers() {
+        if layer.file().identity()? == (meta.dev(), meta.ino()) {
+            return Err(Error::invalid(format!(
+                "{} is part of the source chain ({}); refusing to overwrite it",
+                target.display(),
+                layer.file().path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Split `-o a=b,c=d` (given any number of times) into key/value pairs; a later value for a
 /// key replaces an earlier one, as in qemu-img.
 pub fn parse_options(lists: &[String]) -> Result<BTreeMap<String, String>> {
@@ -125,6 +144,15 @@ pub fn parse_options(lists: &[String]) -> Result<BTreeMap<String, String>> {
         }
     }
     Ok(options)
+}
+
+/// The length of a run a layer reported for a request of `asked` bytes at `offset`, kept
+/// within the request; an empty run is an error rather than an endless loop.
+pub fn run_length(reported: u64, asked: u64, offset: u64) -> Result<u64> {
+    if reported == 0 {
+        return Err(Error::invalid("the image layer reported an empty extent").at(offset));
+    }
+    Ok(reported.min(asked))
 }
 
 /// Calls `write` for every run of `data` (guest bytes at `offset`) that is not all zeros,

@@ -242,7 +242,7 @@ impl Qcow2Layer {
             if pos == start && piece_end >= cluster_end {
                 self.discard_cluster(meta, guest_cluster, cluster_end - start, below)?;
             } else {
-                let old = self.lookup(guest_cluster)?;
+                let old = self.lookup(guest_cluster, true)?;
                 if !self.reads_zero(old) {
                     let zeros = vec![0u8; (piece_end - pos) as usize];
                     self.write_cluster(meta, guest_cluster, pos - start, &zeros, below)?;
@@ -261,7 +261,7 @@ impl Qcow2Layer {
         len: u64,
         below: &dyn ReadBelow,
     ) -> Result<()> {
-        let old = self.lookup(guest_cluster)?;
+        let old = self.lookup(guest_cluster, true)?;
         if self.reads_zero(old) && !matches!(old, Cluster::Zero { host, .. } if host != 0) {
             return Ok(());
         }
@@ -320,7 +320,9 @@ impl Qcow2Layer {
             }
             let table = self.load_l2_locked(l1_index, l2_offset)?;
             while c < last.min(next_table) {
-                if table.get(c & (self.l2_entries() - 1)) != 0 {
+                // Zero flags without a cluster hold no data; anything else does.
+                let entry = table.get(c & (self.l2_entries() - 1));
+                if entry != 0 && entry != FLAG_ZERO {
                     return Err(Error::invalid(format!(
                         "cannot shrink to {new_size} bytes: guest offset {:#x} is allocated",
                         c << self.cluster_bits

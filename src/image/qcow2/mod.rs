@@ -373,14 +373,19 @@ impl Qcow2Layer {
         Ok(())
     }
 
-    /// The entry for one guest cluster (lock-free on a cache hit).
-    fn lookup(&self, guest_cluster: u64) -> Result<Cluster> {
+    /// The entry for one guest cluster (lock-free on a cache hit). `lock_held`: the
+    /// caller holds the metadata mutex (a miss must not take it again).
+    fn lookup(&self, guest_cluster: u64, lock_held: bool) -> Result<Cluster> {
         let l1_index = guest_cluster >> self.l2_bits;
         let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
         if l2_offset == 0 {
             return Ok(Cluster::Unallocated);
         }
-        let table = self.l2_table(l1_index, l2_offset)?;
+        let table = if lock_held {
+            self.load_l2_locked(l1_index, l2_offset)?
+        } else {
+            self.l2_table(l1_index, l2_offset)?
+        };
         let index = guest_cluster & (self.l2_entries() - 1);
         self.classify(table.get(index), &table, index)
     }
@@ -553,7 +558,7 @@ impl Layer for Qcow2Layer {
             let n = (cs as usize - in_cluster).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
             // The entry is looked up again: a write may have replaced it since `map`.
-            match self.lookup(pos >> self.cluster_bits)? {
+            match self.lookup(pos >> self.cluster_bits, false)? {
                 Cluster::Compressed(extent) => {
                     cluster_buf.resize(cs as usize, 0);
                     self.read_compressed(extent, &mut cluster_buf)?;

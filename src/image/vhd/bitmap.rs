@@ -139,6 +139,22 @@ mod tests {
         assert!(!all_set(&bits, 32));
     }
 
+    /// A reader that read the file before a writer stored a newer bitmap must not install
+    /// its stale copy (the writer's store happens inside the reader's load here).
+    #[test]
+    fn stale_reader_cannot_overwrite_a_writers_store() {
+        let cache = BitmapCache::new(512);
+        let stale = cache
+            .get_or_load(3, || {
+                cache.store(3, vec![9u8; 512].into_boxed_slice());
+                Ok(vec![1u8; 512].into_boxed_slice())
+            })
+            .expect("load");
+        assert_eq!(stale.bits[0], 1, "the reader still uses what it read");
+        let cached = cache.get_or_load(3, || panic!("hit")).expect("hit");
+        assert_eq!(cached.bits[0], 9, "the writer's bitmap stays cached");
+    }
+
     #[test]
     fn cache_serves_hits_and_replaces_on_store() {
         let cache = BitmapCache::new(512);

@@ -69,7 +69,17 @@ pub struct Footer {
     pub disk_type: DiskType,
     pub uuid: [u8; 16],
     pub saved_state: u8,
+    /// Bytes 85..512: reserved by the specification; blktap keeps its "hidden" flag in
+    /// the first one. Preserved when the footer is rewritten.
+    pub reserved: [u8; RESERVED_LEN],
 }
+
+const RESERVED_AT: usize = 85;
+const RESERVED_LEN: usize = FOOTER_SIZE as usize - RESERVED_AT;
+/// Creator host OS ferrotap writes. blktap writes 0 and records the parent file's mtime as
+/// the parent time stamp; this marks children that record the parent footer's time stamp
+/// instead (Microsoft's convention), which `check_parent` can then verify.
+pub const CREATOR_OS_FERROTAP: u32 = u32::from_be_bytes(*b"Lnx ");
 
 pub fn be_u32(buf: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
@@ -119,13 +129,14 @@ impl Footer {
             // batmap when the creator version is 1.2 or later.
             creator_app: *b"tap\0",
             creator_version,
-            creator_os: 0,
+            creator_os: CREATOR_OS_FERROTAP,
             original_size: size,
             current_size: size,
             geometry: chs_geometry(size),
             disk_type,
             uuid: *uuid::Uuid::new_v4().as_bytes(),
             saved_state: 0,
+            reserved: [0; RESERVED_LEN],
         }
     }
 
@@ -197,6 +208,9 @@ impl Footer {
             disk_type,
             uuid,
             saved_state: buf[84],
+            reserved: buf[RESERVED_AT..FOOTER_SIZE as usize]
+                .try_into()
+                .unwrap_or([0; RESERVED_LEN]),
         })
     }
 
@@ -216,6 +230,7 @@ impl Footer {
         put_u32(&mut buf, DISK_TYPE_OFFSET as usize, self.disk_type.code());
         buf[68..84].copy_from_slice(&self.uuid);
         buf[84] = self.saved_state;
+        buf[RESERVED_AT..].copy_from_slice(&self.reserved);
         let sum = checksum(&buf, CHECKSUM_OFFSET);
         put_u32(&mut buf, CHECKSUM_OFFSET, sum);
         buf
@@ -233,6 +248,12 @@ impl Footer {
     /// taken from the parent file's mtime) apply.
     pub fn created_by_blktap(&self) -> bool {
         self.creator_app.starts_with(b"tap")
+    }
+
+    /// The parent time stamp follows blktap's convention (the parent file's mtime, which
+    /// tapdisk no longer checks) rather than the parent footer's time stamp.
+    pub fn parent_timestamp_is_mtime(&self) -> bool {
+        self.created_by_blktap() && self.creator_os != CREATOR_OS_FERROTAP
     }
 
     pub fn creator_app_name(&self) -> String {
@@ -301,6 +322,16 @@ mod tests {
         let bytes = footer.to_bytes();
         let parsed = Footer::parse(&bytes, Path::new("x"), 0).expect("valid footer");
         assert_eq!(parsed, footer);
+        let mut hidden = bytes;
+        hidden[85] = 1;
+        let sum = checksum(&hidden, CHECKSUM_OFFSET);
+        put_u32(&mut hidden, CHECKSUM_OFFSET, sum);
+        let parsed = Footer::parse(&hidden, Path::new("x"), 0).expect("hidden footer");
+        assert_eq!(
+            parsed.to_bytes(),
+            hidden,
+            "blktap's hidden flag survives a rewrite"
+        );
         let mut bad = bytes;
         bad[100] ^= 1;
         let err = Footer::parse(&bad, Path::new("x"), 0).expect_err("bad checksum");

@@ -67,6 +67,8 @@ pub fn decode(code: u32, payload: &[u8]) -> Option<String> {
         }
         _ => return None,
     };
+    // "./name" and "name" are the same relative path; keep the plain form.
+    let text = text.strip_prefix("./").map(str::to_string).unwrap_or(text);
     if text.is_empty() {
         None
     } else {
@@ -140,12 +142,12 @@ mod tests {
         assert_eq!(rel, Path::new("../parent.vhd"));
         assert_eq!(
             decode(PLATFORM_W2RU, &encode_w2ru(&rel)).as_deref(),
-            Some("./../parent.vhd")
+            Some("../parent.vhd")
         );
         let same = relative_path(Path::new("/srv/sr"), abs);
         assert_eq!(
             decode(PLATFORM_W2RU, &encode_w2ru(&same)).as_deref(),
-            Some("./parent.vhd")
+            Some("parent.vhd")
         );
     }
 

@@ -96,7 +96,8 @@ pub struct VhdLayer {
     size: AtomicU64,
     uuid: [u8; 16],
     timestamp: u32,
-    created_by_blktap: bool,
+    /// The child records the parent's mtime (blktap), not its footer time stamp.
+    parent_timestamp_is_mtime: bool,
     creator: String,
     sparse: Option<Sparse>,
     meta: Mutex<Meta>,
@@ -309,10 +310,11 @@ impl Layer for VhdLayer {
                 ),
             ));
         }
-        // Microsoft's convention (and ferrotap's): the parent's footer time stamp. blktap
+        // Microsoft's convention (and ferrotap's): the parent's footer time stamp. vhd-util
         // records the parent file's mtime instead and tapdisk no longer checks it (hiding
         // or coalescing a parent changes its mtime), so only the id binds its children.
-        if !self.created_by_blktap && sparse.header.parent_timestamp != parent_vhd.timestamp {
+        if !self.parent_timestamp_is_mtime && sparse.header.parent_timestamp != parent_vhd.timestamp
+        {
             return Err(Error::corrupt(
                 path,
                 "parent time stamp",

@@ -127,7 +127,7 @@ impl VhdLayer {
             size: AtomicU64::new(footer.current_size),
             uuid: footer.uuid,
             timestamp: footer.timestamp,
-            created_by_blktap: footer.created_by_blktap(),
+            parent_timestamp_is_mtime: footer.parent_timestamp_is_mtime(),
             creator: footer.creator_app_name(),
             sparse,
             meta: Mutex::new(Meta {
@@ -161,6 +161,14 @@ fn open_sparse(file: &ImageFile, footer: &Footer, footer_at: u64, limit: u64) ->
     let mut buf = vec![0u8; HEADER_SIZE as usize];
     file.read_at(&mut buf, header_offset)?;
     let header = DynamicHeader::parse(&buf, path, header_offset)?;
+    if footer.disk_type == DiskType::Differencing && header.parent_uuid == footer.uuid {
+        return Err(Error::corrupt(
+            path,
+            "parent unique id",
+            header_offset + header::PARENT_UUID_OFFSET,
+            "equals the disk's own unique id: the disk names itself as its parent",
+        ));
+    }
     let block_size = u64::from(header.block_size);
     let entries = header.max_table_entries;
     let needed = footer.current_size.div_ceil(block_size);
