@@ -361,6 +361,40 @@ fn convert_between_all_formats_agrees_with_qemu_img() {
 }
 
 #[test]
+fn huge_sparse_images_are_walked_by_extent_not_by_chunk() {
+    let scratch = Scratch::new();
+    let huge = scratch.path("huge.qcow2");
+    ok(&mut qemu_img(&["create", "-f", "qcow2", s(&huge), "64T"]));
+    qemu_io("qcow2", &huge, &["write -P 0x5a 30T 1M"]);
+    // 64 TiB in 2 MiB steps would be 32 million steps; by extent it is a handful.
+    let started = std::time::Instant::now();
+    let copy = scratch.path("copy.qcow2");
+    ok(&mut img(&["convert", "-O", "qcow2", s(&huge), s(&copy)]));
+    ok(&mut img(&["compare", s(&huge), s(&copy)]));
+    let top = scratch.path("top.qcow2");
+    ok(&mut qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "copy.qcow2",
+        s(&top),
+    ]));
+    qemu_io("qcow2", &top, &["write -P 0x5b 40T 64k"]);
+    ok(&mut img(&["commit", s(&top)]));
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+    ok(&mut qemu_img(&["compare", s(&top), s(&copy)]));
+    ok(&mut qemu_img(&["check", s(&copy)]));
+    assert_eq!(qemu_info(&copy)["virtual-size"], 64u64 << 40);
+}
+
+#[test]
 fn compare_reports_what_qemu_img_reports() {
     let scratch = Scratch::new();
     let a = scratch.patterned_raw("a.raw", 8 * MIB);
@@ -1009,6 +1043,21 @@ fn bad_input_gives_an_error_not_a_panic() {
             .collect::<Vec<_>>()));
         assert_eq!(rc, 1, "{case:?}: {stderr}");
         assert!(stderr.starts_with("ferrotap: "), "{case:?}: {stderr}");
+    }
+    // Creating over a file the command reads from is refused, and the file survives.
+    let source = scratch.patterned_raw("source.raw", 4 * MIB);
+    let before = fs::read(&source).unwrap();
+    for case in [
+        vec!["convert", "-O", "qcow2", s(&source), s(&source)],
+        vec!["create", "-f", "qcow2", "-b", "source.raw", s(&source)],
+    ] {
+        let (rc, _, stderr) = code(&mut img(&case));
+        assert_eq!(rc, 1, "{case:?}");
+        assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+        assert!(
+            fs::read(&source).unwrap() == before,
+            "{case:?} damaged its source"
+        );
     }
     // clap rejects an unknown format name before anything runs.
     let (rc, _, stderr) = code(&mut img(&[

@@ -176,7 +176,7 @@ fn reads_qemu_images_of_every_compat_and_cluster_size() {
 fn reads_backing_chains_of_raw_vpc_and_qcow2() {
     let dir = tempfile::tempdir().unwrap();
     let size = 8u64 << 20;
-    for (base_fmt, ext) in [("raw", "raw"), ("qcow2", "qcow2")] {
+    for (base_fmt, ext) in [("raw", "raw"), ("vpc", "vhd"), ("qcow2", "qcow2")] {
         for compat in ["0.10", "1.1"] {
             let base = dir.path().join(format!("base-{compat}.{ext}"));
             run(
@@ -473,7 +473,7 @@ fn images_with_backing_files_pass_qemu_img_check_and_compare() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     let base_data = pattern(size as usize, 42);
-    for (fmt, ext) in [("raw", "raw"), ("qcow2", "qcow2")] {
+    for (fmt, ext) in [("raw", "raw"), ("vpc", "vhd"), ("qcow2", "qcow2")] {
         let base = dir.path().join(format!("base.{ext}"));
         run(
             "qemu-img",
@@ -632,4 +632,40 @@ fn details_report_the_header() {
     assert_eq!(info["format-specific"]["data"]["compression-type"], "zstd");
     assert_eq!(info["format-specific"]["data"]["refcount-bits"], 8);
     assert_eq!(info["format-specific"]["data"]["lazy-refcounts"], true);
+}
+
+#[test]
+fn resize_grows_and_relocates_the_l1_table_and_shrinks_only_unused_space() {
+    let dir = tempfile::tempdir().unwrap();
+    for compat in ["0.10", "1.1"] {
+        let path = dir.path().join(format!("resize-{compat}.qcow2"));
+        // 512-byte clusters: one L1 cluster holds 64 entries, covering 2 MiB.
+        create(
+            &path,
+            1 << 20,
+            &[("compat", compat), ("cluster_size", "512")],
+            None,
+        );
+        let new_size = 100u64 << 20;
+        {
+            let image = open_rw(&path);
+            image.write_at(&[0x5a; 5000], 1000).unwrap();
+            image.top().resize(new_size).unwrap();
+            let image = Image::from_layers(image.layers().to_vec()).unwrap();
+            assert_eq!(image.virtual_size(), new_size);
+            image.write_at(&[0x5a; 5000], new_size - 5000).unwrap();
+            let e = image.top().resize(1 << 20).unwrap_err();
+            assert!(e.to_string().contains("allocated"), "{e}");
+            image.discard(new_size - 8192, 8192).unwrap();
+            image.top().resize(new_size / 2).unwrap();
+        }
+        qemu_check(&path);
+        let info = run("qemu-img", &["info", "--output=json", s(&path)]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"], new_size / 2);
+        qemu_io(&path, "qcow2", &["read -P 0x5a 1000 5000".into()]);
+        let mut expected = vec![0u8; (new_size / 2) as usize];
+        expected[1000..6000].fill(0x5a);
+        assert_same(&ferrotap_read(&path), &expected, "after resize");
+    }
 }

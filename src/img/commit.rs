@@ -104,9 +104,9 @@ fn merge(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < size {
-        let want = (size - pos).min(CHUNK);
-        let extent = top.map(pos, want)?;
-        let len = run_length(extent.len, want, pos)?;
+        // Unallocated and zero runs are handled whole; data is copied a chunk at a time.
+        let extent = top.map(pos, size - pos)?;
+        let mut len = run_length(extent.len, size - pos, pos)?;
         match extent.mapping {
             Mapping::Parent => {}
             Mapping::Zero => {
@@ -119,6 +119,7 @@ fn merge(
                 stats.zeroed += len;
             }
             Mapping::Data { .. } | Mapping::Encoded => {
+                len = len.min(CHUNK);
                 let data = &mut buf[..len as usize];
                 source.read_at(data, pos)?;
                 target.write_at(data, pos)?;

@@ -106,11 +106,13 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
     let mut buf_b = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < common {
-        let want = (common - pos).min(CHUNK);
-        let status_a = a.block_status(pos, want)?;
-        let status_b = b.block_status(pos, want)?;
-        let len = run_length(status_a.len.min(status_b.len), want, pos)?;
-        if !(status_a.zero && status_b.zero) {
+        // Runs both sides report as zero are skipped whole; the rest is read in chunks.
+        let status_a = a.block_status(pos, common - pos)?;
+        let status_b = b.block_status(pos, common - pos)?;
+        let run = run_length(status_a.len.min(status_b.len), common - pos, pos)?;
+        let both_zero = status_a.zero && status_b.zero;
+        let len = if both_zero { run } else { run.min(CHUNK) };
+        if !both_zero {
             let (da, db) = (&mut buf_a[..len as usize], &mut buf_b[..len as usize]);
             a.read_at(da, pos)?;
             b.read_at(db, pos)?;
@@ -138,9 +140,13 @@ pub fn compare(a: &Image, b: &Image, strict: bool) -> Result<Comparison> {
 pub fn first_nonzero(image: &Image, start: u64, end: u64, buf: &mut [u8]) -> Result<Option<u64>> {
     let mut pos = start;
     while pos < end {
-        let want = (end - pos).min(buf.len() as u64);
-        let status = image.block_status(pos, want)?;
-        let len = run_length(status.len, want, pos)?;
+        let status = image.block_status(pos, end - pos)?;
+        let run = run_length(status.len, end - pos, pos)?;
+        let len = if status.zero {
+            run
+        } else {
+            run.min(buf.len() as u64)
+        };
         if !status.zero {
             let data = &mut buf[..len as usize];
             image.read_at(data, pos)?;

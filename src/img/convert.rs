@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::progress::Progress;
-use super::{for_each_nonzero_run, format_arg, open_image, parse_options, run_length, CHUNK};
+use super::{
+    for_each_nonzero_run, format_arg, open_image, parse_options, refuse_overwriting, run_length,
+    CHUNK,
+};
 use crate::error::Result;
 use crate::image::{self, CreateOptions, Format, Image};
 
@@ -64,6 +67,7 @@ pub fn convert(
     progress: impl FnOnce(u64) -> Progress,
 ) -> Result<CopyStats> {
     let source = open_image(input, input_format, true)?;
+    refuse_overwriting(output, &source)?;
     let size = source.virtual_size();
     image::create(
         output,
@@ -95,9 +99,10 @@ pub fn copy_range(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = start;
     while pos < end {
-        let want = (end - pos).min(CHUNK);
-        let status = source.block_status(pos, want)?;
-        let len = run_length(status.len, want, pos)?;
+        // Zero runs are skipped whole, however long; data is read a chunk at a time.
+        let status = source.block_status(pos, end - pos)?;
+        let run = run_length(status.len, end - pos, pos)?;
+        let len = if status.zero { run } else { run.min(CHUNK) };
         if status.zero {
             stats.skipped += len;
         } else {

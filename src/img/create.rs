@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::size::parse_size;
-use super::{format_arg, open_image, parse_options};
+use super::{format_arg, open_image, parse_options, refuse_overwriting};
 use crate::error::{Error, Result};
 use crate::image::{self, CreateBacking, CreateOptions, Format};
 
@@ -92,6 +92,7 @@ pub fn create_image(
             let resolved = resolve_backing_name(path, name);
             let parent = open_image(&resolved, backing_format, true)
                 .map_err(|e| Error::invalid(format!("cannot open backing file: {e}")))?;
+            refuse_overwriting(path, &parent)?;
             let layer = parent.top().clone();
             Some(CreateBacking {
                 name: name.to_string(),

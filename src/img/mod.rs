@@ -109,6 +109,25 @@ pub fn open_image(path: &Path, format: Option<Format>, read_only: bool) -> Resul
     )
 }
 
+/// Refuse to create `target` over a file that `image` (a chain) reads from: creating
+/// truncates the file, which would destroy the data being copied or backed onto.
+pub fn refuse_overwriting(target: &Path, image: &Image) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    for layer in image.layers() {
+        if layer.file().identity()? == (meta.dev(), meta.ino()) {
+            return Err(Error::invalid(format!(
+                "{} is part of the source chain ({}); refusing to overwrite it",
+                target.display(),
+                layer.file().path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Split `-o a=b,c=d` (given any number of times) into key/value pairs; a later value for a
 /// key replaces an earlier one, as in qemu-img.
 pub fn parse_options(lists: &[String]) -> Result<BTreeMap<String, String>> {

@@ -100,6 +100,11 @@ pub struct Qcow2Layer {
     meta: Mutex<Meta>,
     /// The image carried the corrupt bit at open: writes are refused.
     corrupt: bool,
+    /// Every write must go through `Layer::write` (under the metadata lock): with
+    /// O_DIRECT and clusters under 4 KiB, a metadata write's read-modify-write of its
+    /// 4 KiB span could otherwise undo a concurrent in-place write to a neighbouring
+    /// cluster in that span. Also set for corrupt images, whose writes are refused.
+    writes_serialized: bool,
     /// We set the dirty bit and owe a clean header at flush or close.
     dirty_set: AtomicBool,
     snapshots: SnapshotTable,
@@ -139,6 +144,8 @@ impl Qcow2Layer {
                 incompatible: header.incompatible,
             }),
             corrupt: header.incompatible & INCOMPAT_CORRUPT != 0,
+            writes_serialized: header.incompatible & INCOMPAT_CORRUPT != 0
+                || (file.is_direct() && cs < crate::image::file::DIRECT_ALIGN as u64),
             dirty_set: AtomicBool::new(false),
             snapshots,
             backing,
@@ -373,14 +380,19 @@ impl Qcow2Layer {
         Ok(())
     }
 
-    /// The entry for one guest cluster (lock-free on a cache hit).
-    fn lookup(&self, guest_cluster: u64) -> Result<Cluster> {
+    /// The entry for one guest cluster (lock-free on a cache hit). `lock_held`: the
+    /// caller holds the metadata mutex (a miss must not take it again).
+    fn lookup(&self, guest_cluster: u64, lock_held: bool) -> Result<Cluster> {
         let l1_index = guest_cluster >> self.l2_bits;
         let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
         if l2_offset == 0 {
             return Ok(Cluster::Unallocated);
         }
-        let table = self.l2_table(l1_index, l2_offset)?;
+        let table = if lock_held {
+            self.load_l2_locked(l1_index, l2_offset)?
+        } else {
+            self.l2_table(l1_index, l2_offset)?
+        };
         let index = guest_cluster & (self.l2_entries() - 1);
         self.classify(table.get(index), &table, index)
     }
@@ -392,8 +404,7 @@ impl Qcow2Layer {
             Cluster::Compressed(_) => Mapping::Encoded,
             Cluster::Data { host, copied } => Mapping::Data {
                 file_offset: host + in_cluster,
-                // A corrupt-flagged image sends every write to `Layer::write`, which refuses.
-                shared: !copied || self.corrupt,
+                shared: !copied || self.writes_serialized,
             },
         }
     }
@@ -553,7 +564,7 @@ impl Layer for Qcow2Layer {
             let n = (cs as usize - in_cluster).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
             // The entry is looked up again: a write may have replaced it since `map`.
-            match self.lookup(pos >> self.cluster_bits)? {
+            match self.lookup(pos >> self.cluster_bits, false)? {
                 Cluster::Compressed(extent) => {
                     cluster_buf.resize(cs as usize, 0);
                     self.read_compressed(extent, &mut cluster_buf)?;
