@@ -339,6 +339,8 @@ impl Layer for VhdLayer {
             "subformat": self.disk_type.name(),
             "uuid": uuid_string(&self.uuid),
             "creator-app": self.creator,
+            // blktap's flag for chain nodes no VM uses directly (vhd-util set-field hidden).
+            "hidden": self.meta.lock().footer.blktap_hidden(),
         });
         if let Some(sparse) = &self.sparse {
             details["block-size"] = sparse.block_size.into();
