@@ -9,7 +9,7 @@ use ferrotap::image::Format;
 use serde::Serialize;
 
 use crate::pattern::{State, Workload};
-use crate::suite::Backing;
+use crate::suite::{Backing, Plan};
 use crate::{Measured, Result};
 
 /// Reads of allocated data must reach this fraction of raw's figure (the issue's target).
@@ -29,6 +29,8 @@ pub struct Row {
     pub p99_us: f64,
     pub cpu_pct: f64,
     pub rss_mib: f64,
+    /// IOPS of every round, in the order measured; the row is the median one.
+    pub iops_rounds: Vec<f64>,
 }
 
 fn round(value: f64, decimals: i32) -> f64 {
@@ -44,8 +46,12 @@ impl Row {
         state: State,
         backing: &Backing,
         jobs: u64,
-        m: Measured,
+        rounds: &[Measured],
     ) -> Row {
+        let mut by_iops: Vec<&Measured> = rounds.iter().collect();
+        by_iops.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+        // The lower median for an even count: a real round, never an average.
+        let m = by_iops[(by_iops.len() - 1) / 2];
         Row {
             system,
             workload,
@@ -59,14 +65,8 @@ impl Row {
             p99_us: round(m.p99_us, 2),
             cpu_pct: round(m.cpu_pct, 1),
             rss_mib: round(m.rss_mib, 1),
+            iops_rounds: rounds.iter().map(|r| round(r.iops, 1)).collect(),
         }
-    }
-
-    pub fn progress_line(&self) -> String {
-        format!(
-            "{:<8} {:<5} {:<12} {:<12} {:>10.0} IOPS {:>8.1} MiB/s",
-            self.system, self.format, self.workload, self.state, self.iops, self.mib_s
-        )
     }
 
     fn same_point(&self, other: &Row) -> bool {
@@ -127,6 +127,7 @@ struct Config {
     jobs: u64,
     image_size_mib: u64,
     runtime_ms: u64,
+    rounds: u64,
     seed: u64,
     qcow2: &'static str,
     vhd: &'static str,
@@ -142,13 +143,14 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(fio: String, jobs: u64, size: u64, runtime_ms: u64, seed: u64) -> Report {
+    pub fn new(fio: String, plan: &Plan, seed: u64) -> Report {
         Report {
             config: Config {
                 fio,
-                jobs,
-                image_size_mib: size >> 20,
-                runtime_ms,
+                jobs: plan.jobs,
+                image_size_mib: plan.size >> 20,
+                runtime_ms: plan.runtime_ms,
+                rounds: plan.rounds,
                 seed,
                 qcow2: "compat 1.1 (v3), 64 KiB clusters",
                 vhd: "dynamic, 2 MiB blocks",
@@ -231,11 +233,13 @@ impl Report {
         let fmt_ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
         let _ = writeln!(
             out,
-            "\nimage layer vs fio: {} job(s), QD {} (psync), {} MiB images, {} ms per point, {}",
+            "\nimage layer vs fio: {} job(s), QD {} (psync), {} MiB images, {} ms per point \
+             and round, median of {} round(s), {}",
             self.config.jobs,
             self.config.jobs,
             self.config.image_size_mib,
             self.config.runtime_ms,
+            self.config.rounds,
             self.config.fio
         );
         for b in &self.backings {

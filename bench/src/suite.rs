@@ -28,9 +28,13 @@ pub struct ImageArgs {
     /// Threads per system and point (queue depth = jobs: the image layer is synchronous).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     jobs: u64,
-    /// Measured time per point, in milliseconds (default 5000; 1000 with --quick).
+    /// Measured time per point and round, in milliseconds (default 2000; 1000 with --quick).
     #[arg(long)]
     runtime_ms: Option<u64>,
+    /// Rounds per point, the systems taking turns; rows give the median round (default 3;
+    /// 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=99))]
+    rounds: Option<u64>,
     /// Virtual size of every image, in MiB (default 1024; 64 with --quick).
     #[arg(long)]
     size_mib: Option<u64>,
@@ -224,9 +228,6 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         args.dirs.clone()
     };
     let size = args.size_mib.unwrap_or(if args.quick { 64 } else { 1024 }) * MIB;
-    let runtime_ms = args
-        .runtime_ms
-        .unwrap_or(if args.quick { 1000 } else { 5000 });
     // Every job owns a whole number of MiB, so 1 MiB sequential I/O stays in its slice.
     let slice = size / args.jobs / MIB * MIB;
     if slice == 0 {
@@ -236,6 +237,15 @@ pub fn run(args: &ImageArgs) -> Result<()> {
             args.jobs
         ));
     }
+    let plan = Plan {
+        size,
+        slice,
+        jobs: args.jobs,
+        runtime_ms: args
+            .runtime_ms
+            .unwrap_or(if args.quick { 1000 } else { 2000 }),
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
+    };
     let out = args.out.clone().unwrap_or_else(|| {
         let name = if args.quick {
             "image-quick.json"
@@ -246,7 +256,7 @@ pub fn run(args: &ImageArgs) -> Result<()> {
             .join("results")
             .join(name)
     });
-    let mut report = Report::new(fio_version, args.jobs, size, runtime_ms, SEED);
+    let mut report = Report::new(fio_version, &plan, SEED);
     for dir in &dirs {
         let backing = Backing::probe(dir)?;
         eprintln!(
@@ -259,7 +269,7 @@ pub fn run(args: &ImageArgs) -> Result<()> {
                 "no O_DIRECT here: buffered I/O for every system"
             }
         );
-        run_backing(&backing, size, slice, runtime_ms, args.jobs, &mut report)?;
+        run_backing(&backing, &plan, &mut report);
         report.add_backing(&backing);
     }
     report.finish();
@@ -273,28 +283,39 @@ pub fn run(args: &ImageArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_backing(
-    backing: &Backing,
-    size: u64,
-    slice: u64,
-    runtime_ms: u64,
-    jobs: u64,
-    report: &mut Report,
-) -> Result<()> {
+/// Sizes and times of a run.
+pub struct Plan {
+    pub size: u64,
+    pub slice: u64,
+    pub jobs: u64,
+    pub runtime_ms: u64,
+    /// Each point is measured this many times, the systems taking turns; rows report the
+    /// round with the median IOPS.
+    pub rounds: u64,
+}
+
+/// Why a point was not measured: the image could not be made (for every workload), or
+/// the measurement of one workload failed.
+struct NotMeasured {
+    workload: Option<Workload>,
+    reason: String,
+}
+
+fn run_backing(backing: &Backing, plan: &Plan, report: &mut Report) {
     // Preallocated images, written once and shared by every workload (writes to them
     // overwrite in place). fio and ferrotap's raw rows use the same raw file.
     let mut preallocated: BTreeMap<&str, TempFile> = BTreeMap::new();
     for format in FORMATS {
         let file = backing.file(&format!("preallocated.{}", format.name()));
         let setup = Instant::now();
-        match create_image(&file, format, size)
-            .and_then(|()| fill_image(&file, format, size, backing.direct))
+        match create_image(&file, format, plan.size)
+            .and_then(|()| fill_image(&file, format, plan.size, backing.direct))
         {
             Ok(()) => {
                 eprintln!(
                     "   preallocated {} ({} MiB) in {:.1} s",
                     format,
-                    size / MIB,
+                    plan.size / MIB,
                     setup.elapsed().as_secs_f64()
                 );
                 preallocated.insert(format.name(), file);
@@ -313,72 +334,107 @@ fn run_backing(
         for state in State::ALL {
             let config = PointConfig {
                 workload,
-                jobs,
-                slice,
-                runtime_ms,
+                jobs: plan.jobs,
+                slice: plan.slice,
+                runtime_ms: plan.runtime_ms,
                 one_pass: state.one_pass(workload),
                 direct: backing.direct,
                 seed: SEED,
             };
-            for system in System::all() {
-                let format = system.format();
-                let fresh;
-                let file = match state {
-                    State::Preallocated => match preallocated.get(format.name()) {
-                        Some(file) => &file.0,
-                        None => continue, // skipped above, with the reason
-                    },
-                    State::Empty => {
-                        fresh = backing.file(&format!("empty.{}", format.name()));
-                        if let Err(reason) = create_image(&fresh, format, size) {
+            let systems: Vec<System> = System::all()
+                .filter(|s| state == State::Empty || preallocated.contains_key(s.format().name()))
+                .collect();
+            let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); systems.len()];
+            let mut failed = vec![false; systems.len()];
+            for round in 1..=plan.rounds {
+                for (i, &system) in systems.iter().enumerate() {
+                    if failed[i] {
+                        continue;
+                    }
+                    let format = system.format();
+                    let file = match state {
+                        State::Preallocated => preallocated.get(format.name()),
+                        State::Empty => None,
+                    };
+                    match measure_once(backing, system, file, plan.size, &config) {
+                        Ok(m) => {
+                            eprintln!(
+                                "   [{round}/{}] {:<8} {:<5} {:<12} {:<12} {:>10.0} IOPS {:>8.1} MiB/s",
+                                plan.rounds,
+                                system.name(),
+                                format.name(),
+                                workload.name(),
+                                state.name(),
+                                m.iops,
+                                m.mib_s
+                            );
+                            measured[i].push(m);
+                        }
+                        Err(not) => {
+                            eprintln!(
+                                "   {} {format} {workload} {state}: FAILED: {}",
+                                system.name(),
+                                not.reason
+                            );
+                            failed[i] = true;
                             report.skip(Skip {
                                 system: system.name(),
-                                workload: None,
+                                workload: not.workload,
                                 format: format.name(),
                                 state: state.name(),
                                 backing: backing.label(),
-                                reason,
+                                reason: not.reason,
                             });
-                            continue;
                         }
-                        &fresh.0
                     }
-                };
-                let measured = match system {
-                    System::Fio => fio::run(file, &config),
-                    System::Ferrotap(format) => measure_ferrotap(file, format, &config),
-                };
-                match measured {
-                    Ok(measured) => {
-                        let row = Row::new(
-                            system.name(),
-                            workload,
-                            format,
-                            state,
-                            backing,
-                            jobs,
-                            measured,
-                        );
-                        eprintln!("   {}", row.progress_line());
-                        report.add(row);
-                    }
-                    Err(reason) => {
-                        eprintln!(
-                            "   {} {format} {workload} {state}: FAILED: {reason}",
-                            system.name()
-                        );
-                        report.skip(Skip {
-                            system: system.name(),
-                            workload: Some(workload),
-                            format: format.name(),
-                            state: state.name(),
-                            backing: backing.label(),
-                            reason,
-                        });
-                    }
+                }
+            }
+            // A system that failed in any round gets no row (its skip entry says why).
+            let outcomes = systems.into_iter().zip(measured).zip(failed);
+            for ((system, rounds), failed) in outcomes {
+                if !failed && !rounds.is_empty() {
+                    report.add(Row::new(
+                        system.name(),
+                        workload,
+                        system.format(),
+                        state,
+                        backing,
+                        plan.jobs,
+                        &rounds,
+                    ));
                 }
             }
         }
     }
-    Ok(())
+}
+
+/// One measurement of `system`: on the preallocated `file`, or on a fresh image.
+fn measure_once(
+    backing: &Backing,
+    system: System,
+    preallocated: Option<&TempFile>,
+    size: u64,
+    config: &PointConfig,
+) -> std::result::Result<Measured, NotMeasured> {
+    let format = system.format();
+    let fresh;
+    let file = match preallocated {
+        Some(file) => file,
+        None => {
+            fresh = backing.file(&format!("empty.{}", format.name()));
+            create_image(&fresh, format, size).map_err(|reason| NotMeasured {
+                workload: None,
+                reason,
+            })?;
+            &fresh
+        }
+    };
+    match system {
+        System::Fio => fio::run(&file.0, config),
+        System::Ferrotap(format) => measure_ferrotap(&file.0, format, config),
+    }
+    .map_err(|reason| NotMeasured {
+        workload: Some(config.workload),
+        reason,
+    })
 }
