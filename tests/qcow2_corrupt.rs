@@ -501,7 +501,7 @@ fn unknown_backing_format_is_refused() {
     );
     let bytes = std::fs::read(&path).unwrap();
     let at = (100..bytes.len() - 3)
-        .find(|&i| &bytes[i..i + 3] == b"raw" && &bytes[i - 4..i] == &3u32.to_be_bytes())
+        .find(|&i| &bytes[i..i + 3] == b"raw" && bytes[i - 4..i] == 3u32.to_be_bytes())
         .expect("backing format extension");
     patch(&path, at as u64, b"xyz");
     let e = open_err(&path);
