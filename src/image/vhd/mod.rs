@@ -181,12 +181,13 @@ impl VhdLayer {
                 mapping: data,
             });
         }
-        let bitmap = sparse
-            .bitmaps
-            .get_or_load(block_index, || self.read_bitmap(sparse, entry))?;
         let sector = (within / SECTOR_SIZE) as usize;
         let last = (within + len).div_ceil(SECTOR_SIZE) as usize;
-        let (stored, run) = bitmap::run(&bitmap.bits, sector, last - sector);
+        let (stored, run) = sparse.bitmaps.with(
+            block_index,
+            || self.read_bitmap(sparse, entry),
+            |bits| bitmap::run(bits, sector, last - sector),
+        )?;
         let run_end = (sector + run) as u64 * SECTOR_SIZE;
         Ok(Extent {
             offset,
