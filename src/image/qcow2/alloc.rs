@@ -181,19 +181,29 @@ impl Qcow2Layer {
             return self.file.write_at(piece, host + in_cluster);
         }
         let whole = in_cluster == 0 && piece.len() as u64 == cs;
-        let mut buf = Vec::new();
-        if !whole {
-            buf = vec![0u8; cs as usize];
-            self.fill_old_contents(old, guest_cluster, &mut buf, below)?;
-            buf[in_cluster as usize..in_cluster as usize + piece.len()].copy_from_slice(piece);
-        }
-        let contents: &[u8] = if whole { piece } else { &buf };
         // A preallocated zero cluster that is ours alone is reused in place.
         let (host, reused) = match old {
             Cluster::Zero { host, copied: true } if host != 0 => (host, true),
             _ => (self.alloc_cluster(meta)?, false),
         };
-        self.file.write_at(contents, host)?;
+        let zero_base = match old {
+            Cluster::Zero { .. } => true,
+            Cluster::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        if whole {
+            self.file.write_at(piece, host)?;
+        } else if zero_base && !reused && host >= self.file.size()? {
+            // A new cluster past the end of the file reads as zeros already: extend the
+            // file over it (sparse) and write only the piece.
+            self.file.set_len(host + cs)?;
+            self.file.write_at(piece, host + in_cluster)?;
+        } else {
+            let mut buf = vec![0u8; cs as usize];
+            self.fill_old_contents(old, guest_cluster, &mut buf, below)?;
+            buf[in_cluster as usize..in_cluster as usize + piece.len()].copy_from_slice(piece);
+            self.file.write_at(&buf, host)?;
+        }
         self.set_l2_entry(&table, index, host | FLAG_COPIED)?;
         if !reused {
             self.drop_reference(meta, old)?;

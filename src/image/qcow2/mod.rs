@@ -180,8 +180,10 @@ impl Qcow2Layer {
         let Some(name) = &header.backing_file else {
             return Ok(None);
         };
-        let format = match &header.backing_format {
+        let format = match header.backing_format.as_deref() {
             None => None,
+            // qemu's protocol drivers name raw data too.
+            Some("file" | "host_device") => Some(Format::Raw),
             Some(f) => Some(Format::parse(f).map_err(|_| {
                 Error::new(
                     ErrorKind::Unsupported,
