@@ -326,6 +326,50 @@ fn convert_between_all_formats_agrees_with_qemu_img() {
         ours_raw["actual-size"].as_u64().unwrap() < 4 * MIB,
         "{ours_raw}"
     );
+    // VHDs qemu makes itself (dynamic and fixed) convert to what qemu's own convert gives.
+    for subformat in ["dynamic", "fixed"] {
+        let qemu_vhd = scratch.path(&format!("qemu-{subformat}.vhd"));
+        ok(&mut qemu_img(&[
+            "convert",
+            "-O",
+            "vpc",
+            "-o",
+            &format!("subformat={subformat},force_size=on"),
+            s(&source),
+            s(&qemu_vhd),
+        ]));
+        let expected = scratch.path(&format!("qemu-{subformat}.raw"));
+        ok(&mut qemu_img(&[
+            "convert",
+            "-f",
+            "vpc",
+            "-O",
+            "raw",
+            s(&qemu_vhd),
+            s(&expected),
+        ]));
+        let ours = scratch.path(&format!("ours-from-{subformat}.raw"));
+        ok(&mut img(&["convert", "-O", "raw", s(&qemu_vhd), s(&ours)]));
+        assert!(
+            fs::read(&ours).unwrap() == fs::read(&expected).unwrap(),
+            "{subformat}"
+        );
+        let ours_qcow2 = scratch.path(&format!("ours-from-{subformat}.qcow2"));
+        ok(&mut img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            s(&qemu_vhd),
+            s(&ours_qcow2),
+        ]));
+        ok(&mut qemu_img(&[
+            "compare",
+            "-F",
+            "vpc",
+            s(&ours_qcow2),
+            s(&qemu_vhd),
+        ]));
+    }
     // Round trips through the other formats: vhd -> qcow2 -> raw.
     let again_qcow2 = scratch.path("again.qcow2");
     let again_raw = scratch.path("again.raw");
@@ -976,6 +1020,40 @@ fn resize_grows_and_qemu_img_sees_it() {
         "{stderr}"
     );
     assert_eq!(qemu_info(&vhd)["virtual-size"], 16 * MIB);
+}
+
+#[test]
+fn demo_runs_and_its_images_pass_qemu_img() {
+    let scratch = Scratch::new();
+    let dir = scratch.path("demo");
+    let out = ok(ferrotap().args(["demo", "--size-mib", "16", "--dir", s(&dir)]));
+    assert!(out.contains("demo done"), "{out}");
+    assert!(
+        out.contains("qemu-img compare overlay.qcow2 flat.qcow2: identical"),
+        "{out}"
+    );
+    // The kept images: qemu agrees the qcow2 ones are clean and hold the same disk.
+    for name in ["overlay.qcow2", "flat.qcow2"] {
+        ok(&mut qemu_img(&["check", s(&dir.join(name))]));
+    }
+    ok(&mut qemu_img(&[
+        "compare",
+        s(&dir.join("overlay.qcow2")),
+        s(&dir.join("flat.qcow2")),
+    ]));
+    // After the demo's commit, base.vhd holds what the VHD chain held.
+    ok(&mut img(&[
+        "compare",
+        s(&dir.join("base.vhd")),
+        s(&dir.join("flat.qcow2")),
+    ]));
+    // And without --dir it leaves nothing behind in the temporary directory.
+    let tmp = scratch.path("tmp");
+    fs::create_dir(&tmp).unwrap();
+    ok(ferrotap()
+        .args(["demo", "--size-mib", "8"])
+        .env("TMPDIR", &tmp));
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
 }
 
 #[test]

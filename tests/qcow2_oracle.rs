@@ -669,3 +669,88 @@ fn resize_grows_and_relocates_the_l1_table_and_shrinks_only_unused_space() {
         assert_same(&ferrotap_read(&path), &expected, "after resize");
     }
 }
+
+#[test]
+fn persistent_bitmaps_are_counted_and_dropped_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bitmaps.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&path),
+            "8M",
+        ],
+    );
+    qemu_io(&path, "qcow2", &["write -P 0x5a 0 1M".into()]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b0"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "65536", s(&path), "b1"],
+    );
+    // Set bits, so that bitmap data clusters exist.
+    let merged = dir.path().join("src.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&merged), "8M"],
+    );
+    run("qemu-img", &["bitmap", "--add", s(&merged), "dirty"]);
+    qemu_io(&merged, "qcow2", &["write 0 4M".into()]);
+    run(
+        "qemu-img",
+        &[
+            "bitmap",
+            "--merge",
+            "dirty",
+            "-b",
+            s(&merged),
+            "-F",
+            "qcow2",
+            s(&path),
+            "b0",
+        ],
+    );
+    let info = run("qemu-img", &["info", "--output=json", s(&path)]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let layer = image::open_layer(
+        &path,
+        None,
+        OpenMode {
+            read_only: true,
+            direct: false,
+        },
+    )
+    .unwrap();
+    let report = layer.check().unwrap();
+    // Without counting the bitmaps' directory, tables and data, these would be leaks.
+    assert!(
+        report.corruptions.is_empty() && report.leaks.is_empty(),
+        "{report:?}"
+    );
+    drop(layer);
+    // A writer that does not maintain the bitmaps clears their auto-clear bit, so qemu
+    // stops trusting them.
+    {
+        let image = open_rw(&path);
+        image.write_at(&[1; 4096], 6 << 20).unwrap();
+    }
+    let header = std::fs::read(&path).unwrap();
+    assert_eq!(&header[88..96], &[0u8; 8], "autoclear_features cleared");
+    let info = run("qemu-img", &["info", "--output=json", s(&path)]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .is_none_or(|b| b.is_empty()));
+}

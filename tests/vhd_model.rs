@@ -8,7 +8,7 @@
 mod vhd_fixtures;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferrotap::image::{
     self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
@@ -143,11 +143,36 @@ fn run(path: &Path, model: &mut [u8], ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A scratch directory on tmpfs: every block allocation syncs the file, which costs
+/// nothing there, so many cases run in seconds.
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap()
+}
+
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 48,
+        cases: 64,
         ..ProptestConfig::default()
     }
+}
+
+/// The parent of the differencing cases, made once: a pattern everywhere except a
+/// discarded range that reads as zeros. Returns its path and its contents.
+fn parent_template() -> (PathBuf, Vec<u8>) {
+    static TEMPLATE: std::sync::OnceLock<(tempfile::TempDir, Vec<u8>)> = std::sync::OnceLock::new();
+    let (dir, model) = TEMPLATE.get_or_init(|| {
+        let dir = scratch();
+        let base = dir.path().join("base.vhd");
+        create(&base, SIZE, &[("block_size", "131072")], None);
+        let mut model = data(0x5a, 0, SIZE);
+        let image = open(&base);
+        image.write_at(&model, 0).unwrap();
+        image.discard(SIZE / 2, 300_000).unwrap();
+        model[(SIZE / 2) as usize..(SIZE / 2 + 300_000) as usize].fill(0);
+        image.flush().unwrap();
+        (dir, model)
+    });
+    (dir.path().join("base.vhd"), model.clone())
 }
 
 proptest! {
@@ -155,7 +180,7 @@ proptest! {
 
     #[test]
     fn fixed_matches_model(ops in prop::collection::vec(op(), 1..24)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let path = dir.path().join("f.vhd");
         create(&path, SIZE, &[("subformat", "fixed")], None);
         let mut model = vec![0u8; SIZE as usize];
@@ -164,7 +189,7 @@ proptest! {
 
     #[test]
     fn dynamic_with_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let path = dir.path().join("d.vhd");
         create(&path, SIZE, &[("block_size", "65536")], None);
         let mut model = vec![0u8; SIZE as usize];
@@ -174,7 +199,7 @@ proptest! {
 
     #[test]
     fn dynamic_without_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let path = dir.path().join("d.vhd");
         create(&path, SIZE, &[("batmap", "off")], None);
         let mut model = vec![0u8; SIZE as usize];
@@ -186,19 +211,11 @@ proptest! {
 
     #[test]
     fn differencing_chain_matches_model(ops in prop::collection::vec(op(), 1..24)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let base = dir.path().join("base.vhd");
         let child = dir.path().join("child.vhd");
-        create(&base, SIZE, &[("block_size", "131072")], None);
-        let mut model = data(0x5a, 0, SIZE);
-        {
-            let image = open(&base);
-            image.write_at(&model, 0).unwrap();
-            // Some of the parent reads as zeros: unallocated and discarded ranges.
-            image.discard(SIZE / 2, 300_000).unwrap();
-            model[(SIZE / 2) as usize..(SIZE / 2 + 300_000) as usize].fill(0);
-            image.flush().unwrap();
-        }
+        let (template, mut model) = parent_template();
+        std::fs::copy(template, &base).unwrap();
         create(&child, 0, &[("block_size", "65536")], Some(&base));
         run(&child, &mut model, &ops)?;
         ParsedVhd::parse(&child).assert_consistent();
@@ -212,7 +229,7 @@ proptest! {
 /// back (a stale bitmap left in the cache would hide some).
 #[test]
 fn concurrent_writers_and_lock_free_readers() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let path = dir.path().join("c.vhd");
     let size: u64 = 2 << 20;
     create(&path, size, &[("block_size", "65536")], None);

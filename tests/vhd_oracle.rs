@@ -330,6 +330,7 @@ fn create_validates_options_and_size() {
     assert_eq!(details["batmap"]["present"], true);
     assert_eq!(details["batmap"]["version"], "1.2");
     assert_eq!(details["creator-app"], "tap");
+    assert_eq!(details["hidden"], false);
 }
 
 #[test]
@@ -730,4 +731,33 @@ fn vhd_util_layout_differencing_with_batmap() {
         "libvhdi agrees: {}",
         first_difference(&libvhdi, &model)
     );
+}
+
+/// vhd-util keeps its "hidden" flag in the footer's first reserved byte; a footer ferrotap
+/// moves (block allocation) or rewrites (resize) keeps it.
+#[test]
+fn blktap_hidden_flag_survives_footer_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhd = dir.path().join("hidden.vhd");
+    create_vhd(&vhd, 4 * MIB, &[], None);
+    let mut bytes = std::fs::read(&vhd).unwrap();
+    let end = bytes.len() - 512;
+    for at in [0, end] {
+        bytes[at + 85] = 1;
+        bytes[at + 64..at + 68].fill(0);
+        let sum = vhd_fixtures::vhd_checksum(&bytes[at..at + 512], 64);
+        bytes[at + 64..at + 68].copy_from_slice(&sum.to_be_bytes());
+    }
+    std::fs::write(&vhd, &bytes).unwrap();
+    let image = open_rw(&vhd);
+    assert_eq!(image.top().details()["hidden"], true);
+    image.write_at(&pattern(1, 4096), MIB).unwrap();
+    image.top().resize(MIB).unwrap_err(); // data at 1 MiB would be lost
+    image.top().resize(4 * MIB - 512).unwrap();
+    drop(image);
+    let parsed = ParsedVhd::parse(&vhd);
+    let end = parsed.file.len() - 512;
+    assert_eq!(parsed.file[end + 85], 1, "hidden flag in the moved footer");
+    assert_eq!(parsed.file[85], 1, "hidden flag in the footer copy");
+    parsed.assert_consistent();
 }

@@ -26,6 +26,7 @@ pub struct CheckArgs {
     /// Same as --output json.
     #[arg(long)]
     pub json: bool,
+    /// The image whose own metadata is checked (its parents are not opened).
     pub file: PathBuf,
 }
 

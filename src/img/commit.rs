@@ -38,6 +38,7 @@ pub struct CommitArgs {
     /// Print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The top image, merged into its backing file.
     pub file: PathBuf,
 }
 

@@ -31,7 +31,9 @@ pub struct CompareArgs {
     /// Show a progress bar (accepted for qemu-img compatibility).
     #[arg(short = 'p')]
     pub progress: bool,
+    /// First image (with its chain).
     pub a: PathBuf,
+    /// Second image (with its chain).
     pub b: PathBuf,
 }
 

@@ -30,7 +30,9 @@ pub struct ConvertArgs {
     /// Options for OUT, key=value[,key=value...] (may be repeated).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
+    /// Source image; its whole chain is read.
     pub input: PathBuf,
+    /// New image to create (an existing file is replaced).
     pub output: PathBuf,
 }
 

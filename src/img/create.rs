@@ -27,6 +27,7 @@ pub struct CreateArgs {
     /// Print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The image file to create (an existing file is replaced).
     pub file: PathBuf,
     /// Virtual size with an optional suffix (k, M, G, T, P, E); defaults to the backing's.
     pub size: Option<String>,

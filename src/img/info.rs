@@ -24,6 +24,7 @@ pub struct InfoArgs {
     /// Describe every layer of the chain, not only FILE.
     #[arg(long)]
     pub backing_chain: bool,
+    /// The image to describe.
     pub file: PathBuf,
 }
 

@@ -24,6 +24,7 @@ pub struct MapArgs {
     /// List the extents of every layer on its own instead of the merged guest view.
     #[arg(long)]
     pub layers: bool,
+    /// The image (with its chain) to map.
     pub file: PathBuf,
 }
 

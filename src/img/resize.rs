@@ -21,6 +21,7 @@ pub struct ResizeArgs {
     /// Print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The image whose top layer is resized.
     pub file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
     #[arg(allow_hyphen_values = true)]

@@ -27,16 +27,26 @@ impl Qcow2Layer {
         Ok(())
     }
 
+    /// `count` new, counted clusters.
+    fn alloc_clusters(&self, meta: &mut Meta, count: usize) -> Result<Vec<u64>> {
+        let offsets = if self.header.version >= 3 {
+            meta.refcounts.alloc_many(&self.file, count)?
+        } else {
+            meta.refcounts
+                .alloc_synced(&self.file, count, V2_ALLOC_BATCH)?
+        };
+        if let Some(&end) = offsets.iter().max() {
+            self.file_end.fetch_max(end + self.cs(), Ordering::AcqRel);
+        }
+        Ok(offsets)
+    }
+
     /// A new, counted cluster.
     fn alloc_cluster(&self, meta: &mut Meta) -> Result<u64> {
-        let offset = if self.header.version >= 3 {
-            meta.refcounts.alloc_one(&self.file)?
-        } else {
-            meta.refcounts.alloc_synced(&self.file, V2_ALLOC_BATCH)?
-        };
-        self.file_end
-            .fetch_max(offset + self.cs(), Ordering::AcqRel);
-        Ok(offset)
+        self.alloc_clusters(meta, 1)?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::invalid("no cluster allocated").with_path(self.path()))
     }
 
     /// Drop the reference an L2 entry held (after the entry no longer holds it).
@@ -121,6 +131,13 @@ impl Qcow2Layer {
         while done < data.len() {
             let pos = offset + done as u64;
             let in_cluster = pos & (cs - 1);
+            if in_cluster == 0 && (data.len() - done) as u64 >= cs {
+                let n = self.write_whole_clusters(meta, pos >> self.cluster_bits, &data[done..])?;
+                if n > 0 {
+                    done += n;
+                    continue;
+                }
+            }
             let n = ((cs - in_cluster) as usize).min(data.len() - done);
             self.write_cluster(
                 meta,
@@ -164,24 +181,83 @@ impl Qcow2Layer {
             return self.file.write_at(piece, host + in_cluster);
         }
         let whole = in_cluster == 0 && piece.len() as u64 == cs;
-        let mut buf = Vec::new();
-        if !whole {
-            buf = vec![0u8; cs as usize];
-            self.fill_old_contents(old, guest_cluster, &mut buf, below)?;
-            buf[in_cluster as usize..in_cluster as usize + piece.len()].copy_from_slice(piece);
-        }
-        let contents: &[u8] = if whole { piece } else { &buf };
         // A preallocated zero cluster that is ours alone is reused in place.
         let (host, reused) = match old {
             Cluster::Zero { host, copied: true } if host != 0 => (host, true),
             _ => (self.alloc_cluster(meta)?, false),
         };
-        self.file.write_at(contents, host)?;
+        let zero_base = match old {
+            Cluster::Zero { .. } => true,
+            Cluster::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        if whole {
+            self.file.write_at(piece, host)?;
+        } else if zero_base && !reused && host >= self.file.size()? {
+            // A new cluster past the end of the file reads as zeros already: extend the
+            // file over it (sparse) and write only the piece.
+            self.file.set_len(host + cs)?;
+            self.file.write_at(piece, host + in_cluster)?;
+        } else {
+            let mut buf = vec![0u8; cs as usize];
+            self.fill_old_contents(old, guest_cluster, &mut buf, below)?;
+            buf[in_cluster as usize..in_cluster as usize + piece.len()].copy_from_slice(piece);
+            self.file.write_at(&buf, host)?;
+        }
         self.set_l2_entry(&table, index, host | FLAG_COPIED)?;
         if !reused {
             self.drop_reference(meta, old)?;
         }
         Ok(())
+    }
+
+    /// Write a run of whole guest clusters that all need new host clusters (within one
+    /// L2 table) with one data write per contiguous host run and one L2 write. Returns the
+    /// bytes written: 0 when the first cluster is not such a cluster.
+    fn write_whole_clusters(&self, meta: &mut Meta, first: u64, data: &[u8]) -> Result<usize> {
+        let cs = self.cs();
+        let l1_index = first >> self.l2_bits;
+        let index0 = first & (self.l2_entries() - 1);
+        let max_run = (data.len() as u64 / cs).min(self.l2_entries() - index0);
+        let table = self.l2_for_write(meta, l1_index)?;
+        let mut olds = Vec::new();
+        for k in 0..max_run {
+            let old = self.classify(table.get(index0 + k), &table, index0 + k)?;
+            match old {
+                Cluster::Data { copied: true, .. } => break,
+                Cluster::Zero { host, copied: true } if host != 0 => break,
+                _ => olds.push(old),
+            }
+        }
+        if olds.is_empty() {
+            return Ok(0);
+        }
+        let hosts = self.alloc_clusters(meta, olds.len())?;
+        let mut k = 0;
+        while k < hosts.len() {
+            let mut run = 1;
+            while k + run < hosts.len() && hosts[k + run] == hosts[k] + run as u64 * cs {
+                run += 1;
+            }
+            let start = k * cs as usize;
+            self.file
+                .write_at(&data[start..start + run * cs as usize], hosts[k])?;
+            k += run;
+        }
+        let entries: Vec<u8> = hosts
+            .iter()
+            .flat_map(|h| (h | FLAG_COPIED).to_be_bytes())
+            .collect();
+        self.file.write_at(&entries, table.offset + index0 * 8)?;
+        for (k, host) in hosts.iter().enumerate() {
+            if let Some(e) = table.entries.get((index0 + k as u64) as usize) {
+                e.store(host | FLAG_COPIED, Ordering::Release);
+            }
+        }
+        for old in olds.iter() {
+            self.drop_reference(meta, *old)?;
+        }
+        Ok(hosts.len() * cs as usize)
     }
 
     /// The current contents of a guest cluster that is about to be replaced.

@@ -4,12 +4,25 @@
 //! The same count rebuilds the refcounts of an image found dirty.
 
 use super::compress::CompressedExtent;
+use super::header::AUTOCLEAR_BITMAPS;
 use super::{Meta, Qcow2Layer, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO, OFFSET_MASK};
 use crate::error::{Error, Result};
 use crate::image::{CheckReport, Finding};
 
 /// Largest file `check` counts references for (2 bytes per cluster: 2 GiB of counters).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 30;
+/// qemu's limits on a bitmap directory and on one bitmap table.
+const MAX_BITMAP_BYTES: u64 = 64 << 20;
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(x)
+}
 
 struct Counter {
     refs: Vec<u16>,
@@ -100,6 +113,7 @@ impl Qcow2Layer {
             );
             self.walk_l1(meta, &mut counter, &entries, s.l1_table_offset, false)?;
         }
+        self.count_bitmaps(&mut counter)?;
         let rc = &meta.refcounts;
         counter.add(
             rc.table_offset,
@@ -118,6 +132,84 @@ impl Qcow2Layer {
             }
         }
         Ok(counter)
+    }
+
+    /// Persistent bitmaps own their directory, tables and data clusters. They count only
+    /// while the auto-clear bit vouches for them: a writable open clears it (ferrotap does
+    /// not maintain bitmaps), after which qemu too considers them gone and their clusters
+    /// leaked (`qemu-img check -r leaks` reclaims them).
+    fn count_bitmaps(&self, counter: &mut Counter) -> Result<()> {
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        let writable = !self.file.read_only() && !self.corrupt;
+        if self.header.autoclear & AUTOCLEAR_BITMAPS == 0 || writable {
+            return Ok(());
+        }
+        let cs = self.cs();
+        let file_len = self.file.size()?;
+        let fits = |offset: u64, len: u64| {
+            offset.is_multiple_of(cs) && offset.checked_add(len).is_some_and(|end| end <= file_len)
+        };
+        if ext.directory_size > MAX_BITMAP_BYTES || !fits(ext.directory_offset, ext.directory_size)
+        {
+            counter.corruption(
+                "bitmaps extension".into(),
+                ext.at,
+                format!(
+                    "bitmap directory at {:#x}+{} is misaligned, too large or past the end of the file",
+                    ext.directory_offset, ext.directory_size
+                ),
+            );
+            return Ok(());
+        }
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        self.file.read_at(&mut dir, ext.directory_offset)?;
+        counter.add(
+            ext.directory_offset,
+            ext.directory_size,
+            "bitmap directory",
+            ext.at,
+        );
+        let mut at = 0usize;
+        for index in 0..ext.count {
+            let entry_at = ext.directory_offset + at as u64;
+            let field = format!("bitmap directory entry {index}");
+            if at + 24 > dir.len() {
+                counter.corruption(field, entry_at, "bitmap directory is truncated".into());
+                break;
+            }
+            let e = &dir[at..];
+            let table_offset = be64(e, 0);
+            let table_entries = u64::from(be32(e, 8));
+            let name_len = u16::from_be_bytes([e[18], e[19]]) as usize;
+            let extra_len = be32(e, 20) as usize;
+            at += (24 + extra_len + name_len).div_ceil(8) * 8;
+            let table_bytes = table_entries * 8;
+            if table_bytes > MAX_BITMAP_BYTES || !fits(table_offset, table_bytes) {
+                counter.corruption(
+                    field,
+                    entry_at,
+                    format!("bitmap table at {table_offset:#x} is misaligned or out of range"),
+                );
+                continue;
+            }
+            let mut table = vec![0u8; table_bytes as usize];
+            self.file.read_at(&mut table, table_offset)?;
+            counter.add(table_offset, table_bytes, &field, entry_at);
+            for (j, chunk) in table.chunks_exact(8).enumerate() {
+                let data = be64(chunk, 0) & OFFSET_MASK;
+                if data != 0 {
+                    counter.add(
+                        data,
+                        cs,
+                        &format!("bitmap table entry {j} of table at {table_offset:#x}"),
+                        table_offset + 8 * j as u64,
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn walk_l1(

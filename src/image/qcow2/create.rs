@@ -212,6 +212,7 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
         }),
         backing_format_offset: 0,
         feature_names: Vec::new(),
+        bitmaps: None,
     };
     if header.backing_file.as_ref().is_some_and(|n| n.len() > 1023) {
         return Err(Error::invalid("backing file name longer than 1023 bytes"));

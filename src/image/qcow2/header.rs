@@ -44,6 +44,8 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// 2 MiB: qemu's limit, and ours (an L2 table is one cluster, read whole).
@@ -98,6 +100,18 @@ pub struct Header {
     pub backing_format_offset: u64,
     /// (type, bit, name) from the feature name table extension.
     pub feature_names: Vec<(u8, u8, String)>,
+    /// The bitmaps extension, when present.
+    pub bitmaps: Option<BitmapsExtension>,
+}
+
+/// Where the persistent dirty bitmaps' directory lies (their clusters are refcounted).
+#[derive(Debug, Clone, Copy)]
+pub struct BitmapsExtension {
+    pub count: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+    /// Offset of the extension data (for error messages).
+    pub at: u64,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -201,6 +215,7 @@ impl Header {
             backing_format: None,
             backing_format_offset: 0,
             feature_names: Vec::new(),
+            bitmaps: None,
         };
         if version == 3 {
             h.incompatible = be64(&fixed, 72);
@@ -323,6 +338,14 @@ impl Header {
                     })?;
                     self.backing_format = Some(name.to_string());
                     self.backing_format_offset = data as u64;
+                }
+                EXT_BITMAPS if len >= 24 => {
+                    self.bitmaps = Some(BitmapsExtension {
+                        count: be32(bytes, 0),
+                        directory_size: be64(bytes, 8),
+                        directory_offset: be64(bytes, 16),
+                        at: data as u64,
+                    });
                 }
                 EXT_FEATURE_TABLE => {
                     for entry in bytes.chunks_exact(48) {

@@ -100,6 +100,11 @@ pub struct Qcow2Layer {
     meta: Mutex<Meta>,
     /// The image carried the corrupt bit at open: writes are refused.
     corrupt: bool,
+    /// Every write must go through `Layer::write` (under the metadata lock): with
+    /// O_DIRECT and clusters under 4 KiB, a metadata write's read-modify-write of its
+    /// 4 KiB span could otherwise undo a concurrent in-place write to a neighbouring
+    /// cluster in that span. Also set for corrupt images, whose writes are refused.
+    writes_serialized: bool,
     /// We set the dirty bit and owe a clean header at flush or close.
     dirty_set: AtomicBool,
     snapshots: SnapshotTable,
@@ -139,6 +144,8 @@ impl Qcow2Layer {
                 incompatible: header.incompatible,
             }),
             corrupt: header.incompatible & INCOMPAT_CORRUPT != 0,
+            writes_serialized: header.incompatible & INCOMPAT_CORRUPT != 0
+                || (file.is_direct() && cs < crate::image::file::DIRECT_ALIGN as u64),
             dirty_set: AtomicBool::new(false),
             snapshots,
             backing,
@@ -397,8 +404,7 @@ impl Qcow2Layer {
             Cluster::Compressed(_) => Mapping::Encoded,
             Cluster::Data { host, copied } => Mapping::Data {
                 file_offset: host + in_cluster,
-                // A corrupt-flagged image sends every write to `Layer::write`, which refuses.
-                shared: !copied || self.corrupt,
+                shared: !copied || self.writes_serialized,
             },
         }
     }

@@ -235,10 +235,13 @@ impl Refcounts {
             let block = self.table[bi as usize];
             let stop = end.min((bi + 1) * epb);
             let slot = self.load_block(file, block)?;
+            let (mut lo, mut hi) = (usize::MAX, 0);
             for x in c..stop {
-                entry_set(&mut self.cache[slot].1, x % epb, self.order, value);
+                let (at, len) = entry_set(&mut self.cache[slot].1, x % epb, self.order, value);
+                lo = lo.min(at);
+                hi = hi.max(at + len);
             }
-            file.write_at(&self.cache[slot].1, block)?;
+            file.write_at(&self.cache[slot].1[lo..hi], block + lo as u64)?;
             c = stop;
         }
         Ok(())
@@ -398,8 +401,8 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// One cluster: the lowest free one, else a new one at the end of the file.
-    pub fn alloc_one(&mut self, file: &ImageFile) -> Result<u64> {
+    /// The lowest free cluster below the end of the file, if any.
+    fn find_free(&mut self, file: &ImageFile) -> Result<Option<u64>> {
         let epb = self.entries_per_block;
         let end_cluster = self.eof / self.cs();
         let mut c = self.free_hint.max(1);
@@ -420,27 +423,52 @@ impl Refcounts {
         }
         if c < end_cluster {
             self.free_hint = c + 1;
-            self.set(file, c, 1)?;
-            return Ok(c << self.cluster_bits);
+            Ok(Some(c))
+        } else {
+            self.free_hint = end_cluster;
+            Ok(None)
         }
-        self.free_hint = end_cluster;
-        self.alloc_at_end(file, 1)
     }
 
-    /// One cluster from a batch that was counted and synced in one go: v2 images have no
-    /// dirty bit, so the refcount must be durable before an L2 entry points at it.
-    pub fn alloc_synced(&mut self, file: &ImageFile, batch: usize) -> Result<u64> {
-        if self.reserve.is_empty() {
-            for _ in 0..batch {
-                let c = self.alloc_one(file)?;
-                self.reserve.push(c);
+    /// `count` counted clusters: free ones below the end of the file first, the rest as
+    /// one run at the end (counted with one write per refcount block).
+    pub fn alloc_many(&mut self, file: &ImageFile, count: usize) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            match self.find_free(file)? {
+                Some(c) => {
+                    self.set(file, c, 1)?;
+                    out.push(c << self.cluster_bits);
+                }
+                None => {
+                    let rest = (count - out.len()) as u64;
+                    let start = self.alloc_at_end(file, rest)?;
+                    out.extend((0..rest).map(|i| start + (i << self.cluster_bits)));
+                }
             }
-            file.sync()?;
-            self.reserve.reverse();
         }
-        self.reserve
-            .pop()
-            .ok_or_else(|| Error::invalid("empty cluster reserve").with_path(file.path()))
+        Ok(out)
+    }
+
+    /// Clusters from batches that were counted and synced in one go: v2 images have no
+    /// dirty bit, so a refcount must be durable before an L2 entry points at it.
+    pub fn alloc_synced(
+        &mut self,
+        file: &ImageFile,
+        count: usize,
+        batch: usize,
+    ) -> Result<Vec<u64>> {
+        if self.reserve.len() < count {
+            let more = self.alloc_many(file, batch.max(count - self.reserve.len()))?;
+            file.sync()?;
+            // Kept highest first, so that pops hand out ascending offsets.
+            self.reserve.extend(more);
+            self.reserve.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        let keep = self.reserve.len() - count;
+        let mut out = self.reserve.split_off(keep);
+        out.reverse();
+        Ok(out)
     }
 
     /// Give back the clusters counted for a batch but never used.

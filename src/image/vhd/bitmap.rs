@@ -91,25 +91,28 @@ impl BitmapCache {
         &self.slots[block as usize % self.slots.len()]
     }
 
-    /// The bitmap of `block`, from the cache or else from `load`.
-    pub fn get_or_load(
+    /// Run `f` on the bitmap of `block`, from the cache or else from `load`. A hit takes
+    /// no reference count (arc-swap's guard), so threads sharing a slot do not contend.
+    pub fn with<R>(
         &self,
         block: u32,
         load: impl FnOnce() -> Result<Box<[u8]>>,
-    ) -> Result<Arc<CachedBitmap>> {
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         let slot = self.slot(block);
-        let seen = slot.load_full();
-        if let Some(cached) = &seen {
+        let seen = slot.load();
+        if let Some(cached) = seen.as_ref() {
             if cached.block == block {
-                return Ok(Arc::clone(cached));
+                return Ok(f(&cached.bits));
             }
         }
         let fresh = Arc::new(CachedBitmap {
             block,
             bits: load()?,
         });
-        slot.compare_and_swap(&seen, Some(Arc::clone(&fresh)));
-        Ok(fresh)
+        let result = f(&fresh.bits);
+        slot.compare_and_swap(&seen, Some(fresh));
+        Ok(result)
     }
 
     /// Record the new on-disk bitmap of `block` (after it was written to the file).
@@ -145,29 +148,35 @@ mod tests {
     fn stale_reader_cannot_overwrite_a_writers_store() {
         let cache = BitmapCache::new(512);
         let stale = cache
-            .get_or_load(3, || {
-                cache.store(3, vec![9u8; 512].into_boxed_slice());
-                Ok(vec![1u8; 512].into_boxed_slice())
-            })
+            .with(
+                3,
+                || {
+                    cache.store(3, vec![9u8; 512].into_boxed_slice());
+                    Ok(vec![1u8; 512].into_boxed_slice())
+                },
+                |bits| bits[0],
+            )
             .expect("load");
-        assert_eq!(stale.bits[0], 1, "the reader still uses what it read");
-        let cached = cache.get_or_load(3, || panic!("hit")).expect("hit");
-        assert_eq!(cached.bits[0], 9, "the writer's bitmap stays cached");
+        assert_eq!(stale, 1, "the reader still uses what it read");
+        let cached = cache
+            .with(3, || panic!("hit"), |bits| bits[0])
+            .expect("hit");
+        assert_eq!(cached, 9, "the writer's bitmap stays cached");
     }
 
     #[test]
     fn cache_serves_hits_and_replaces_on_store() {
         let cache = BitmapCache::new(512);
         let first = cache
-            .get_or_load(7, || Ok(vec![1u8; 512].into_boxed_slice()))
+            .with(7, || Ok(vec![1u8; 512].into_boxed_slice()), |b| b[0])
             .expect("load");
-        assert_eq!(first.bits[0], 1);
+        assert_eq!(first, 1);
         let hit = cache
-            .get_or_load(7, || panic!("must be a hit"))
+            .with(7, || panic!("must be a hit"), |b| b[0])
             .expect("hit");
-        assert_eq!(hit.bits[0], 1);
+        assert_eq!(hit, 1);
         cache.store(7, vec![2u8; 512].into_boxed_slice());
-        let updated = cache.get_or_load(7, || panic!("hit")).expect("hit");
-        assert_eq!(updated.bits[0], 2);
+        let updated = cache.with(7, || panic!("hit"), |b| b[0]).expect("hit");
+        assert_eq!(updated, 2);
     }
 }

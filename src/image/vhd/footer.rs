@@ -244,6 +244,11 @@ impl Footer {
         self.geometry = chs_geometry(size);
     }
 
+    /// blktap's "hidden" flag, the first reserved byte.
+    pub fn blktap_hidden(&self) -> bool {
+        self.reserved[0] != 0
+    }
+
     /// Made by blktap (vhd-util, tapdisk), whose conventions (batmap, parent time stamp
     /// taken from the parent file's mtime) apply.
     pub fn created_by_blktap(&self) -> bool {

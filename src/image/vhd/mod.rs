@@ -181,12 +181,13 @@ impl VhdLayer {
                 mapping: data,
             });
         }
-        let bitmap = sparse
-            .bitmaps
-            .get_or_load(block_index, || self.read_bitmap(sparse, entry))?;
         let sector = (within / SECTOR_SIZE) as usize;
         let last = (within + len).div_ceil(SECTOR_SIZE) as usize;
-        let (stored, run) = bitmap::run(&bitmap.bits, sector, last - sector);
+        let (stored, run) = sparse.bitmaps.with(
+            block_index,
+            || self.read_bitmap(sparse, entry),
+            |bits| bitmap::run(bits, sector, last - sector),
+        )?;
         let run_end = (sector + run) as u64 * SECTOR_SIZE;
         Ok(Extent {
             offset,
@@ -339,6 +340,8 @@ impl Layer for VhdLayer {
             "subformat": self.disk_type.name(),
             "uuid": uuid_string(&self.uuid),
             "creator-app": self.creator,
+            // blktap's flag for chain nodes no VM uses directly (vhd-util set-field hidden).
+            "hidden": self.meta.lock().footer.blktap_hidden(),
         });
         if let Some(sparse) = &self.sparse {
             details["block-size"] = sparse.block_size.into();

@@ -207,11 +207,11 @@ impl VhdLayer {
         let mut bits: Box<[u8]> = if sparse.batmap.as_ref().is_some_and(|b| b.is_full(block)) {
             vec![0xffu8; sparse.bitmap_bytes as usize].into_boxed_slice()
         } else {
-            sparse
-                .bitmaps
-                .get_or_load(block, || self.read_bitmap(sparse, entry))?
-                .bits
-                .clone()
+            sparse.bitmaps.with(
+                block,
+                || self.read_bitmap(sparse, entry),
+                |bits| Box::<[u8]>::from(bits),
+            )?
         };
         let mut sector = first;
         while sector < last {
