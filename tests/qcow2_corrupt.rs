@@ -478,3 +478,34 @@ proptest! {
         exercise(&path);
     }
 }
+
+#[test]
+fn unknown_backing_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let path = dir.path().join("fmt.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            path.to_str().unwrap(),
+        ],
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let at = (100..bytes.len() - 3)
+        .find(|&i| &bytes[i..i + 3] == b"raw" && bytes[i - 4..i] == 3u32.to_be_bytes())
+        .expect("backing format extension");
+    patch(&path, at as u64, b"xyz");
+    let e = open_err(&path);
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert_names(&e, &path, "backing format extension", at as u64);
+    assert!(e.to_string().contains("xyz"), "{e}");
+}

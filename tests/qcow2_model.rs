@@ -178,11 +178,20 @@ fn run_case(compat: &str, cluster_size: u64, backing: Backing, ops: &[Op]) -> Re
     // qemu's view of the chain agrees with the model too.
     let raw = dir.path().join("qemu-view.raw");
     let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw", path.to_str().unwrap(), raw.to_str().unwrap()])
+        .args([
+            "convert",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ])
         .output()
         .expect("qemu-img is required");
     if !out.status.success() {
-        return Err(format!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "qemu-img convert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     if std::fs::read(&raw).unwrap() != model {
         return Err("qemu-img convert output differs from the model".into());

@@ -1,7 +1,8 @@
 //! Hostile VHDs: truncated files, bad cookies and checksums, BAT entries past the end, into
 //! metadata or over each other, absurd table and block sizes, a bad batmap, missing,
 //! mismatched and cyclic parents. Each gives an error naming the file, the field and its
-//! offset; none panics. A sweep of single-byte corruptions over the metadata checks that
+//! offset (damaged BAT entries when their block is read or written, and in `check`; the
+//! rest of such a disk stays readable); none panics. A sweep of single-byte corruptions over the metadata checks that
 //! nothing panics whatever the bytes say.
 
 #[path = "common/vhd_fixtures.rs"]
@@ -88,6 +89,35 @@ fn assert_names(err: &Error, path: &Path, field: &str, offset: u64) {
     assert!(text.contains(&format!("{offset:#x}")), "{text}");
 }
 
+/// Block `block` of a sample has an untrusted BAT entry: reading or writing it fails naming
+/// the entry, `check` reports it, and block 0 still reads.
+fn assert_damaged_block(path: &Path, block: u64, why: &str) {
+    let image = Image::open(path, vhd_options()).unwrap();
+    let field = format!("BAT entry {block}");
+    let offset = 1536 + 4 * block;
+    let mut buf = vec![0u8; 4096];
+    let err = image.read_at(&mut buf, block * 2 * MIB).unwrap_err();
+    assert_names(&err, path, &field, offset);
+    assert!(err.to_string().contains(why), "{err}");
+    let err = image.write_at(&buf, block * 2 * MIB + 512).unwrap_err();
+    assert_names(&err, path, &field, offset);
+    let err = image.discard(block * 2 * MIB, 4096).unwrap_err();
+    assert_names(&err, path, &field, offset);
+    let report = image.top().check().unwrap();
+    assert!(
+        report
+            .corruptions
+            .iter()
+            .any(|f| f.field == field && f.offset == offset && f.message.contains(why)),
+        "{:?}",
+        report.corruptions
+    );
+    if block != 0 {
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[512..1024], [0xab; 512], "sound blocks still read");
+    }
+}
+
 /// Rewrite the dynamic header's field at `at` (relative to the header) and its checksum.
 fn patch_header(path: &Path, at: usize, bytes: &[u8]) {
     let mut header = std::fs::read(path).unwrap()[512..1536].to_vec();
@@ -122,14 +152,7 @@ fn truncated_files() {
                 && parsed.bat[i] as u64 * 512 + 512 + 2 * MIB > len - MIB
         })
         .unwrap();
-    let err = open_err(&path);
-    assert_names(
-        &err,
-        &path,
-        &format!("BAT entry {first_past}"),
-        1536 + 4 * first_past as u64,
-    );
-    assert!(err.to_string().contains("past the end"), "{err}");
+    assert_damaged_block(&path, first_past as u64, "past the end");
 
     let tiny = dir.path().join("tiny.vhd");
     std::fs::write(&tiny, b"conectix").unwrap();
@@ -195,31 +218,42 @@ fn bat_entries_out_of_range_into_metadata_or_overlapping() {
     let dir = tempfile::tempdir().unwrap();
     let path = sample(dir.path(), "past.vhd");
     set_bat_entry(&path, 1, 0x0010_0000);
-    let err = open_err(&path);
-    assert_names(&err, &path, "BAT entry 1", 1536 + 4);
-    assert!(err.to_string().contains("past the end"), "{err}");
+    assert_damaged_block(&path, 1, "past the end");
 
     for (sector, what) in [(1u32, "dynamic header"), (3, "BAT"), (0, "footer copy")] {
         let path = sample(dir.path(), &format!("meta{sector}.vhd"));
         set_bat_entry(&path, 0, sector);
-        let err = open_err(&path);
-        assert_names(&err, &path, "BAT entry 0", 1536);
-        assert!(err.to_string().contains(what), "{err}");
+        assert_damaged_block(&path, 0, what);
     }
     // Into the batmap that sits after the BAT.
     let path = sample(dir.path(), "batmap.vhd");
     let batmap = ParsedVhd::parse(&path).batmap.unwrap();
     set_bat_entry(&path, 1, (batmap.offset / 512) as u32);
-    let err = open_err(&path);
-    assert_names(&err, &path, "BAT entry 1", 1540);
-    assert!(err.to_string().contains("batmap"), "{err}");
+    assert_damaged_block(&path, 1, "batmap");
 
+    // Two entries sharing space: neither is trusted.
     let path = sample(dir.path(), "overlap.vhd");
     let parsed = ParsedVhd::parse(&path);
-    set_bat_entry(&path, 1, parsed.bat[0] + 8);
-    let err = open_err(&path);
-    assert_names(&err, &path, "BAT entry 1", 1540);
-    assert!(err.to_string().contains("overlaps block 0"), "{err}");
+    set_bat_entry(&path, 1, parsed.bat[2] + 8);
+    assert_damaged_block(&path, 1, "overlaps block 2");
+    assert_damaged_block(&path, 2, "overlaps block 1");
+
+    // `img check` reports them as corruptions: qemu-img check's exit code 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotap"))
+        .args(["img", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("BAT entry 1") && text.contains("BAT entry 2"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `img check` for VHD: the metadata as it is on disk now (footers, header, batmap
-//! checksum), the batmap against the bitmaps, and space no structure references.
-//! Ranges and overlaps of BAT entries are refused when the image is opened.
+//! checksum), BAT entries past the end, into metadata or over each other (found when the
+//! image was opened), the batmap against the bitmaps, and space no structure references.
 
 use std::sync::atomic::Ordering;
 
@@ -92,8 +92,14 @@ pub(super) fn check(layer: &VhdLayer) -> Result<CheckReport> {
     for (i, entry) in sparse.bat.iter().enumerate() {
         let entry = entry.load(Ordering::Acquire);
         if entry != UNUSED {
-            let start = u64::from(entry) * SECTOR_SIZE;
             report.allocated_clusters += 1;
+            if let Some(damage) = sparse.damage(path, i as u32, entry) {
+                report
+                    .corruptions
+                    .push(from_error(&damage, sparse.header.table_offset));
+                continue;
+            }
+            let start = u64::from(entry) * SECTOR_SIZE;
             regions.push(Region {
                 start,
                 end: start + block_bytes,

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use super::{
     BackingRef, CheckReport, Extent, Format, ImageFile, Layer, Mapping, ReadBelow, SECTOR_SIZE,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 pub use create::create;
 pub use footer::{DiskType, MAX_CREATE_SIZE};
@@ -62,6 +62,23 @@ struct Region {
     name: &'static str,
 }
 
+/// Why a BAT entry is not trusted (see `open::validate_bat`).
+#[derive(Debug, Clone)]
+enum Damage {
+    /// The block ends past the file's data (which ends at `limit`).
+    PastEnd { limit: u64 },
+    /// The block overlaps a metadata structure.
+    IntoMetadata(Region),
+    /// The block overlaps the block of entry `other`.
+    Overlaps { other: u32 },
+}
+
+#[derive(Debug, Clone)]
+struct DamagedEntry {
+    block: u32,
+    damage: Damage,
+}
+
 /// What dynamic and differencing disks add to a fixed one.
 struct Sparse {
     header: DynamicHeader,
@@ -78,6 +95,58 @@ struct Sparse {
     metadata: Vec<Region>,
     /// Parent locations, relative ones first.
     parent_candidates: Vec<String>,
+    /// Untrusted BAT entries, sorted by block (empty for a sound image).
+    damaged: Vec<DamagedEntry>,
+}
+
+impl Sparse {
+    /// The error for block `block` when its BAT entry (value `entry`) is not trusted.
+    fn damage(&self, path: &std::path::Path, block: u32, entry: u32) -> Option<Error> {
+        if self.damaged.is_empty() {
+            return None;
+        }
+        let index = self
+            .damaged
+            .binary_search_by_key(&block, |d| d.block)
+            .ok()?;
+        let start = u64::from(entry) * SECTOR_SIZE;
+        let end = start + self.bitmap_bytes + self.block_size;
+        let message = match &self.damaged[index].damage {
+            Damage::PastEnd { limit } => {
+                format!("block at {start}..{end} lies past the end of the file's data ({limit})")
+            }
+            Damage::IntoMetadata(region) => format!(
+                "block at {start}..{end} overlaps the {} at {}..{}",
+                region.name, region.start, region.end
+            ),
+            Damage::Overlaps { other } => {
+                format!("block at {start}..{end} overlaps block {other}")
+            }
+        };
+        Some(Error::corrupt(
+            path,
+            &format!("BAT entry {block}"),
+            self.header.table_offset + u64::from(block) * 4,
+            message,
+        ))
+    }
+
+    /// The BAT entry of `block`: `UNUSED`, or a trusted sector offset.
+    fn entry(&self, path: &std::path::Path, block: u32) -> Result<u32> {
+        let entry = self
+            .bat
+            .get(block as usize)
+            .map(|e| e.load(Ordering::Acquire))
+            .ok_or_else(|| {
+                Error::invalid(format!("block {block} lies past the BAT")).with_path(path)
+            })?;
+        if entry != UNUSED {
+            if let Some(error) = self.damage(path, block, entry) {
+                return Err(error);
+            }
+        }
+        Ok(entry)
+    }
 }
 
 /// State changed by writers, serialized by the allocation lock.
@@ -147,16 +216,7 @@ impl VhdLayer {
         let block = offset / sparse.block_size;
         let within = offset % sparse.block_size;
         let len = len.min(sparse.block_size - within);
-        let entry = match sparse.bat.get(block as usize) {
-            Some(entry) => entry.load(Ordering::Acquire),
-            None => {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!("offset {offset} lies past the BAT"),
-                )
-                .with_path(self.file.path()))
-            }
-        };
+        let entry = sparse.entry(self.file.path(), block as u32)?;
         if entry == UNUSED {
             return Ok(Extent {
                 offset,

@@ -14,7 +14,7 @@ use super::header::{
     PLATFORM_NONE, PLATFORM_W2KU, PLATFORM_W2RU,
 };
 use super::locator::{self, MAX_LOCATOR_BYTES};
-use super::{Meta, Region, Sparse, VhdLayer, UNUSED};
+use super::{Damage, DamagedEntry, Meta, Region, Sparse, VhdLayer, UNUSED};
 use crate::error::{Error, Result};
 use crate::image::{ImageFile, SECTOR_SIZE};
 
@@ -101,12 +101,14 @@ impl VhdLayer {
                     found.end_offset.unwrap_or(file_len)
                 };
                 let sparse = open_sparse(&file, &footer, footer_at, limit)?;
+                // Blocks past the end are damaged entries, not data to allocate after.
                 let data_end = sparse
                     .bat
                     .iter()
                     .map(|e| e.load(std::sync::atomic::Ordering::Relaxed))
                     .filter(|&e| e != UNUSED)
                     .map(|e| u64::from(e) * SECTOR_SIZE + sparse.bitmap_bytes + sparse.block_size)
+                    .filter(|&end| end <= limit)
                     .chain(sparse.metadata.iter().map(|r| r.end))
                     .max()
                     .unwrap_or(0);
@@ -259,14 +261,7 @@ fn open_sparse(file: &ImageFile, footer: &Footer, footer_at: u64, limit: u64) ->
         .div_ceil(SECTOR_SIZE)
         .max(1)
         * SECTOR_SIZE;
-    validate_bat(
-        file,
-        &bat,
-        table_offset,
-        bitmap_bytes + block_size,
-        limit,
-        &metadata,
-    )?;
+    let damaged = validate_bat(&bat, bitmap_bytes + block_size, limit, &metadata);
 
     Ok(Sparse {
         header_offset,
@@ -278,6 +273,7 @@ fn open_sparse(file: &ImageFile, footer: &Footer, footer_at: u64, limit: u64) ->
         batmap,
         metadata,
         parent_candidates,
+        damaged,
         header,
     })
 }
@@ -359,61 +355,56 @@ fn read_locators(
 }
 
 /// Every allocated block must lie inside the file, clear of the metadata and of the other
-/// blocks.
+/// blocks. Entries that do not are not trusted: returned sorted by block, they make reads
+/// and writes of their block fail (naming the entry) and `check` report them, while the
+/// rest of the disk stays usable, as qemu and tapdisk treat such images.
 fn validate_bat(
-    file: &ImageFile,
     bat: &[AtomicU32],
-    table_offset: u64,
     block_bytes: u64,
     limit: u64,
     metadata: &[Region],
-) -> Result<()> {
-    let path = file.path();
-    let entry_offset = |i: usize| table_offset + i as u64 * 4;
-    let mut blocks: Vec<(u64, usize)> = Vec::new();
+) -> Vec<DamagedEntry> {
+    let mut damaged = Vec::new();
+    let mut blocks: Vec<(u64, u32)> = Vec::new();
     for (i, entry) in bat.iter().enumerate() {
         let entry = entry.load(std::sync::atomic::Ordering::Relaxed);
         if entry == UNUSED {
             continue;
         }
+        let block = i as u32;
         let start = u64::from(entry) * SECTOR_SIZE;
         let end = start + block_bytes;
         if end > limit {
-            return Err(Error::corrupt(
-                path,
-                &format!("BAT entry {i}"),
-                entry_offset(i),
-                format!("block at {start}..{end} lies past the end of the file's data ({limit})"),
-            ));
+            damaged.push(DamagedEntry {
+                block,
+                damage: Damage::PastEnd { limit },
+            });
+        } else if let Some(region) = metadata.iter().find(|r| start < r.end && end > r.start) {
+            damaged.push(DamagedEntry {
+                block,
+                damage: Damage::IntoMetadata(region.clone()),
+            });
+        } else {
+            blocks.push((start, block));
         }
-        if let Some(region) = metadata.iter().find(|r| start < r.end && end > r.start) {
-            return Err(Error::corrupt(
-                path,
-                &format!("BAT entry {i}"),
-                entry_offset(i),
-                format!(
-                    "block at {start}..{end} overlaps the {} at {}..{}",
-                    region.name, region.start, region.end
-                ),
-            ));
-        }
-        blocks.push((start, i));
     }
     blocks.sort_unstable();
     for pair in blocks.windows(2) {
         let (first_start, first) = pair[0];
         let (second_start, second) = pair[1];
         if second_start < first_start + block_bytes {
-            return Err(Error::corrupt(
-                path,
-                &format!("BAT entry {second}"),
-                entry_offset(second),
-                format!(
-                    "block at {second_start} overlaps block {first} at {first_start}..{}",
-                    first_start + block_bytes
-                ),
-            ));
+            // Writing either would overwrite the other: neither is trusted.
+            damaged.push(DamagedEntry {
+                block: second,
+                damage: Damage::Overlaps { other: first },
+            });
+            damaged.push(DamagedEntry {
+                block: first,
+                damage: Damage::Overlaps { other: second },
+            });
         }
     }
-    Ok(())
+    damaged.sort_by_key(|d| d.block);
+    damaged.dedup_by_key(|d| d.block);
+    damaged
 }

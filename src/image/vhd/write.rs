@@ -173,14 +173,7 @@ impl VhdLayer {
     }
 
     fn entry(&self, sparse: &Sparse, block: u32) -> Result<u32> {
-        sparse
-            .bat
-            .get(block as usize)
-            .map(|e| e.load(Ordering::Acquire))
-            .ok_or_else(|| {
-                Error::invalid(format!("block {block} lies past the BAT"))
-                    .with_path(self.file.path())
-            })
+        sparse.entry(self.file.path(), block)
     }
 
     /// Store `payload` into `block`, allocating it if needed; sectors the payload covers
@@ -437,7 +430,7 @@ impl VhdLayer {
     fn check_shrink(&self, sparse: &Sparse, new_size: u64) -> Result<()> {
         let first_block = new_size / sparse.block_size;
         for block in first_block..sparse.bat.len() as u64 {
-            let entry = sparse.bat[block as usize].load(Ordering::Acquire);
+            let entry = self.entry(sparse, block as u32)?;
             if entry == UNUSED {
                 continue;
             }
