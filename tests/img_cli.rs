@@ -822,20 +822,22 @@ fn vhd_check_exit_codes_on_clean_corrupt_and_leaking_images() {
     ok(&mut img(&["compare", s(&leaking_path), s(&raw)]));
     assert!(libvhdi_read(&leaking_path) == fs::read(&raw).unwrap());
 
-    // A BAT entry overlapping another block: refused at open, so check cannot run (1), and
-    // the error names the file, the BAT entry and its offset.
+    // A BAT entry overlapping another block: the image still opens (the rest stays
+    // readable), and check reports the entry by its offset as a corruption (2).
     let mut overlap = layout.bytes.clone();
     let entry0 = layout.bat_entry(0).to_be_bytes();
     overlap[layout.bat + 4..layout.bat + 8].copy_from_slice(&entry0);
     let overlap_path = scratch.path("overlap.vhd");
     fs::write(&overlap_path, &overlap).unwrap();
-    let (rc, _, stderr) = code(&mut img(&["check", s(&overlap_path)]));
-    assert_eq!(rc, 1);
+    let (rc, stdout, _) = code(&mut img(&["check", s(&overlap_path)]));
+    assert_eq!(rc, 2, "{stdout}");
     let bat_entry_1 = format!("BAT entry 1 at offset {:#x}", layout.bat + 4);
     assert!(
-        stderr.contains("overlap.vhd") && stderr.contains(&bat_entry_1),
-        "{stderr}"
+        stdout.contains(&bat_entry_1) && stdout.contains("overlaps"),
+        "{stdout}"
     );
+    let report = json(&code(&mut img(&["check", "--json", s(&overlap_path)])).1);
+    assert!(report["corruptions"].as_u64().unwrap() >= 1, "{report}");
 }
 
 /// Flatten `chain` to raw with ferrotap, before any commit.

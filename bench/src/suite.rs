@@ -28,7 +28,7 @@ pub struct ImageArgs {
     /// Threads per system and point (queue depth = jobs: the image layer is synchronous).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     jobs: u64,
-    /// Measured time per point and round, in milliseconds (default 2000; 1000 with --quick).
+    /// Measured time per point and round, in milliseconds (default 1500; 1000 with --quick).
     #[arg(long)]
     runtime_ms: Option<u64>,
     /// Rounds per point, the systems taking turns; rows give the median round (default 3;
@@ -243,7 +243,7 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         jobs: args.jobs,
         runtime_ms: args
             .runtime_ms
-            .unwrap_or(if args.quick { 1000 } else { 2000 }),
+            .unwrap_or(if args.quick { 1000 } else { 1500 }),
         rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }),
     };
     let out = args.out.clone().unwrap_or_else(|| {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::{format_arg, report_error, wants_json, OutputFormat};
 use crate::error::Result;
-use crate::image::{open_layer, CheckReport, Format, OpenMode};
+use crate::image::{open_layer, CheckReport, Finding, Format, OpenMode};
 
 pub const EXIT_CLEAN: i32 = 0;
 pub const EXIT_CHECK_FAILED: i32 = 1;
@@ -88,18 +88,25 @@ pub fn run(args: &CheckArgs) -> i32 {
     exit_code_of(&report)
 }
 
+/// One finding as a line; a message that already names its field (a layer passing on a
+/// full error) is not prefixed with the field again.
+fn finding_line(finding: &Finding) -> String {
+    if finding.message.contains(&finding.field) {
+        finding.message.clone()
+    } else {
+        format!(
+            "{} at offset {:#x}: {}",
+            finding.field, finding.offset, finding.message
+        )
+    }
+}
+
 fn print_human(report: &CheckReport) {
     for finding in &report.corruptions {
-        println!(
-            "ERROR {} at offset {:#x}: {}",
-            finding.field, finding.offset, finding.message
-        );
+        println!("ERROR {}", finding_line(finding));
     }
     for finding in &report.leaks {
-        println!(
-            "Leaked {} at offset {:#x}: {}",
-            finding.field, finding.offset, finding.message
-        );
+        println!("Leaked {}", finding_line(finding));
     }
     if !report.corruptions.is_empty() {
         println!(
