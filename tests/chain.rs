@@ -282,8 +282,11 @@ fn loops_in_the_chain_are_refused() {
         .map(drop)
         .expect_err("a loop must not open");
     assert_eq!(err.kind(), ErrorKind::Corrupt);
-    assert!(err.to_string().contains("loops"), "{err}");
-    assert_eq!(err.path(), Some(a.as_path()));
+    assert!(err.to_string().contains("loops back to"), "{err}");
+    // Named by the file whose backing field closes the loop, with that field's offset.
+    assert_eq!(err.path(), Some(b.as_path()), "{err}");
+    assert_eq!(err.field(), Some("backing file name"), "{err}");
+    assert!(err.offset().is_some(), "{err}");
 
     let selfish = dir.path().join("self.qcow2");
     qemu_create_unsafe(&selfish, "self.qcow2");
@@ -335,6 +338,8 @@ fn missing_parent_names_the_child_and_the_candidates() {
         text.contains("child.qcow2") && text.contains("gone.qcow2"),
         "{text}"
     );
+    assert_eq!(err.field(), Some("backing file name"), "{err}");
+    assert!(err.offset().is_some(), "{err}");
 }
 
 #[test]

@@ -394,7 +394,8 @@ fn missing_or_self_backing_file() {
         Err(e) => e,
     };
     assert_eq!(e.path(), Some(path.as_path()), "{e}");
-    assert!(e.field().is_some_and(|f| f.contains("backing file")), "{e}");
+    assert_eq!(e.field(), Some("backing file name"), "{e}");
+    assert!(e.offset().is_some_and(|o| o >= 72), "{e}");
     assert!(e.to_string().contains("base.raw"), "{e}");
 
     // An image naming itself as its backing file.

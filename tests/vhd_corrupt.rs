@@ -297,7 +297,9 @@ fn missing_and_mismatched_parents() {
     std::fs::remove_file(&base).unwrap();
     let err = open_err_any(&child);
     assert_eq!(err.path(), Some(child.as_path()), "{err}");
-    assert_eq!(err.field(), Some("backing file"), "{err}");
+    assert_eq!(err.field(), Some("parent locators"), "{err}");
+    // The dynamic header follows the footer copy at 512; its locator table is at +576.
+    assert_eq!(err.offset(), Some(512 + 576), "{err}");
     assert!(err.to_string().contains("base.vhd"), "{err}");
 
     // A different disk under the parent's name: its unique id does not match.
@@ -357,7 +359,10 @@ fn cyclic_chains() {
     patch_header(&b, 40, &c_uuid);
     let err = open_err_any(&a);
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    assert_eq!(err.path(), Some(a.as_path()), "{err}");
+    // b's parent locators close the loop: the error names b, that field and its offset.
+    assert_eq!(err.path(), Some(b.as_path()), "{err}");
+    assert_eq!(err.field(), Some("parent locators"), "{err}");
+    assert_eq!(err.offset(), Some(512 + 576), "{err}");
     assert!(err.to_string().contains("loops back"), "{err}");
 }
 

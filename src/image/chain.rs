@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{open_layer, Extent, Format, Layer, Mapping, OpenMode, ReadBelow};
+use super::{open_layer, BackingRef, Extent, Format, Layer, Mapping, OpenMode, ReadBelow};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Longest chain ferrotap opens; deeper ones are refused as corrupt or malicious.
@@ -54,7 +54,9 @@ impl Image {
         };
         let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
         let mut seen = HashSet::new();
+        // The next file to open, and the child's record that named it (for errors).
         let mut next = Some((path.to_path_buf(), options.format, top_mode));
+        let mut named_by: Option<(PathBuf, BackingRef)> = None;
         while let Some((layer_path, format, mode)) = next.take() {
             if layers.len() >= MAX_CHAIN_DEPTH {
                 return Err(Error::new(
@@ -65,19 +67,26 @@ impl Image {
             }
             let layer = open_layer(&layer_path, format, mode)?;
             if !seen.insert(layer.file().identity()?) {
-                return Err(Error::new(
+                let err = Error::new(
                     ErrorKind::Corrupt,
                     format!("backing chain loops back to {}", layer_path.display()),
-                )
-                .with_path(path));
+                );
+                return Err(match named_by {
+                    Some((child, backing)) => err
+                        .with_path(&child)
+                        .with_field(backing.field)
+                        .at(backing.field_offset),
+                    None => err.with_path(path),
+                });
             }
             if let Some(child) = layers.last() {
                 child.check_parent(layer.as_ref())?;
             }
             if !options.no_backing {
                 if let Some(backing) = layer.backing() {
-                    let parent = resolve_backing(&layer_path, &backing.paths)?;
+                    let parent = resolve_backing(&layer_path, &backing)?;
                     next = Some((parent, backing.format, parent_mode));
+                    named_by = Some((layer_path.clone(), backing));
                 }
             }
             layers.push(layer);
@@ -287,9 +296,9 @@ fn read_layers(layers: &[Arc<dyn Layer>], buf: &mut [u8], offset: u64) -> Result
 }
 
 /// Find a parent among the candidate locations a child records.
-fn resolve_backing(child: &Path, candidates: &[String]) -> Result<PathBuf> {
+fn resolve_backing(child: &Path, backing: &BackingRef) -> Result<PathBuf> {
     let dir = child.parent().unwrap_or_else(|| Path::new("."));
-    for candidate in candidates {
+    for candidate in &backing.paths {
         let candidate_path = Path::new(candidate);
         let full = if candidate_path.is_absolute() {
             candidate_path.to_path_buf()
@@ -302,8 +311,9 @@ fn resolve_backing(child: &Path, candidates: &[String]) -> Result<PathBuf> {
     }
     Err(Error::invalid(format!(
         "backing file not found (tried: {})",
-        candidates.join(", ")
+        backing.paths.join(", ")
     ))
     .with_path(child)
-    .with_field("backing file"))
+    .with_field(backing.field)
+    .at(backing.field_offset))
 }

@@ -113,6 +113,9 @@ pub struct BackingRef {
     pub paths: Vec<String>,
     /// The parent's format when the child records it (qcow2 backing_fmt).
     pub format: Option<Format>,
+    /// The on-disk field that names the parent, and its byte offset, for errors.
+    pub field: &'static str,
+    pub field_offset: u64,
 }
 
 /// The parent a new image is created on.

@@ -120,6 +120,8 @@ impl Qcow2Layer {
         Ok(Some(BackingRef {
             paths: vec![name.clone()],
             format,
+            field: "backing file name",
+            field_offset: header.backing_file_offset,
         }))
     }
 

@@ -295,6 +295,8 @@ impl Layer for VhdLayer {
         Some(BackingRef {
             paths: sparse.parent_candidates.clone(),
             format: Some(format),
+            field: "parent locators",
+            field_offset: sparse.header_offset + header::LOCATORS_OFFSET,
         })
     }
 
