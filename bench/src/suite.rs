@@ -1,6 +1,6 @@
-//! The image benchmark: for every backing directory, every workload and both image states,
-//! fio on a raw file, then ferrotap's image layer on raw, VHD and qcow2, one after the
-//! other so that the systems compared see the same moment of a noisy machine.
+//! The image benchmark: for every backing directory, round after round, every workload and
+//! both image states: fio on a raw file, then ferrotap's image layer on raw, VHD and qcow2,
+//! one after the other so that the systems compared see the same moment of a noisy machine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -302,9 +302,101 @@ struct NotMeasured {
 }
 
 fn run_backing(backing: &Backing, plan: &Plan, report: &mut Report) {
-    // Preallocated images, written once and shared by every workload (writes to them
-    // overwrite in place). fio and ferrotap's raw rows use the same raw file.
-    let mut preallocated: BTreeMap<&str, TempFile> = BTreeMap::new();
+    let points: Vec<(Workload, State)> = Workload::ALL
+        .into_iter()
+        .flat_map(|w| State::ALL.map(|s| (w, s)))
+        .collect();
+    let systems: Vec<System> = System::all().collect();
+    // measured[point][system]: one entry per round that succeeded.
+    let mut measured = vec![vec![Vec::<Measured>::new(); systems.len()]; points.len()];
+    let mut failed = vec![vec![false; systems.len()]; points.len()];
+    for round in 1..=plan.rounds {
+        // Fresh preallocated images every round: on tmpfs the cost of the same syscalls
+        // differs by up to ~15% from one file to another (where its pages landed), so the
+        // median over rounds is also a median over files.
+        let preallocated = preallocate(backing, plan, report);
+        for (p, &(workload, state)) in points.iter().enumerate() {
+            let config = PointConfig {
+                workload,
+                jobs: plan.jobs,
+                slice: plan.slice,
+                runtime_ms: plan.runtime_ms,
+                one_pass: state.one_pass(workload),
+                direct: backing.direct,
+                seed: SEED,
+            };
+            for (i, &system) in systems.iter().enumerate() {
+                let format = system.format();
+                let file = match state {
+                    State::Preallocated => match preallocated.get(format.name()) {
+                        Some(file) => Some(file),
+                        None => continue, // could not be made; the skip says why
+                    },
+                    State::Empty => None,
+                };
+                if failed[p][i] {
+                    continue;
+                }
+                match measure_once(backing, system, file, plan.size, &config) {
+                    Ok(m) => {
+                        eprintln!(
+                            "   [{round}/{}] {:<8} {:<5} {:<12} {:<12} {:>10.0} IOPS {:>8.1} MiB/s",
+                            plan.rounds,
+                            system.name(),
+                            format.name(),
+                            workload.name(),
+                            state.name(),
+                            m.iops,
+                            m.mib_s
+                        );
+                        measured[p][i].push(m);
+                    }
+                    Err(not) => {
+                        eprintln!(
+                            "   {} {format} {workload} {state}: FAILED: {}",
+                            system.name(),
+                            not.reason
+                        );
+                        failed[p][i] = true;
+                        report.skip(Skip {
+                            system: system.name(),
+                            workload: not.workload,
+                            format: format.name(),
+                            state: state.name(),
+                            backing: backing.label(),
+                            reason: not.reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for (p, &(workload, state)) in points.iter().enumerate() {
+        for (i, &system) in systems.iter().enumerate() {
+            // A system that failed in any round gets no row (its skip entry says why).
+            if !failed[p][i] && !measured[p][i].is_empty() {
+                report.add(Row::new(
+                    system.name(),
+                    workload,
+                    system.format(),
+                    state,
+                    backing,
+                    plan.jobs,
+                    &measured[p][i],
+                ));
+            }
+        }
+    }
+}
+
+/// Create and fill one image per format (writes to them later overwrite in place); fio and
+/// ferrotap's raw rows share the raw file.
+fn preallocate(
+    backing: &Backing,
+    plan: &Plan,
+    report: &mut Report,
+) -> BTreeMap<&'static str, TempFile> {
+    let mut preallocated = BTreeMap::new();
     for format in FORMATS {
         let file = backing.file(&format!("preallocated.{}", format.name()));
         let setup = Instant::now();
@@ -330,82 +422,7 @@ fn run_backing(backing: &Backing, plan: &Plan, report: &mut Report) {
             }),
         }
     }
-    for workload in Workload::ALL {
-        for state in State::ALL {
-            let config = PointConfig {
-                workload,
-                jobs: plan.jobs,
-                slice: plan.slice,
-                runtime_ms: plan.runtime_ms,
-                one_pass: state.one_pass(workload),
-                direct: backing.direct,
-                seed: SEED,
-            };
-            let systems: Vec<System> = System::all()
-                .filter(|s| state == State::Empty || preallocated.contains_key(s.format().name()))
-                .collect();
-            let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); systems.len()];
-            let mut failed = vec![false; systems.len()];
-            for round in 1..=plan.rounds {
-                for (i, &system) in systems.iter().enumerate() {
-                    if failed[i] {
-                        continue;
-                    }
-                    let format = system.format();
-                    let file = match state {
-                        State::Preallocated => preallocated.get(format.name()),
-                        State::Empty => None,
-                    };
-                    match measure_once(backing, system, file, plan.size, &config) {
-                        Ok(m) => {
-                            eprintln!(
-                                "   [{round}/{}] {:<8} {:<5} {:<12} {:<12} {:>10.0} IOPS {:>8.1} MiB/s",
-                                plan.rounds,
-                                system.name(),
-                                format.name(),
-                                workload.name(),
-                                state.name(),
-                                m.iops,
-                                m.mib_s
-                            );
-                            measured[i].push(m);
-                        }
-                        Err(not) => {
-                            eprintln!(
-                                "   {} {format} {workload} {state}: FAILED: {}",
-                                system.name(),
-                                not.reason
-                            );
-                            failed[i] = true;
-                            report.skip(Skip {
-                                system: system.name(),
-                                workload: not.workload,
-                                format: format.name(),
-                                state: state.name(),
-                                backing: backing.label(),
-                                reason: not.reason,
-                            });
-                        }
-                    }
-                }
-            }
-            // A system that failed in any round gets no row (its skip entry says why).
-            let outcomes = systems.into_iter().zip(measured).zip(failed);
-            for ((system, rounds), failed) in outcomes {
-                if !failed && !rounds.is_empty() {
-                    report.add(Row::new(
-                        system.name(),
-                        workload,
-                        system.format(),
-                        state,
-                        backing,
-                        plan.jobs,
-                        &rounds,
-                    ));
-                }
-            }
-        }
-    }
+    preallocated
 }
 
 /// One measurement of `system`: on the preallocated `file`, or on a fresh image.
