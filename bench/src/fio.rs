@@ -47,6 +47,7 @@ pub fn command(file: &Path, config: &PointConfig) -> Command {
         .arg("--output-format=json");
     if !config.one_pass {
         cmd.arg("--time_based");
+        cmd.arg(format!("--ramp_time={}ms", config.ramp_ms));
     }
     cmd
 }

@@ -27,6 +27,9 @@ pub struct PointConfig {
     /// Bytes each job works in; job i owns `[i*slice, (i+1)*slice)`.
     pub slice: u64,
     pub runtime_ms: u64,
+    /// Unmeasured time before the measurement (not with `one_pass`), so that every system
+    /// starts with its file's kernel structures as warm in the CPU caches as the others'.
+    pub ramp_ms: u64,
     /// Stop after one pass over the slice instead of at the runtime, if that comes first.
     pub one_pass: bool,
     pub direct: bool,

@@ -32,6 +32,9 @@ pub struct PointSpec {
     pub slice: u64,
     #[arg(long)]
     pub runtime_ms: u64,
+    /// Run this long unmeasured first (ignored with --one-pass).
+    #[arg(long, default_value_t = 0)]
+    pub ramp_ms: u64,
     /// Stop each job after one pass over its slice (first writes to an empty image).
     #[arg(long)]
     pub one_pass: bool,
@@ -118,6 +121,14 @@ fn run_job(spec: &PointSpec, image: &Image, job: u64, start_line: &Barrier) -> R
     let mut latencies = Histogram::new();
     let runtime = Duration::from_millis(spec.runtime_ms);
     start_line.wait();
+    if !spec.one_pass {
+        let ramp = Duration::from_millis(spec.ramp_ms);
+        let ramp_start = Instant::now();
+        while ramp_start.elapsed() < ramp {
+            let offset = offsets.next_offset();
+            do_io(image, workload, &mut buf, offset)?;
+        }
+    }
     let cpu_start = thread_cpu_ns()?;
     let start = Instant::now();
     let mut now = start;
@@ -125,12 +136,7 @@ fn run_job(spec: &PointSpec, image: &Image, job: u64, start_line: &Barrier) -> R
     while ops < max_ops && now - start < runtime {
         let offset = offsets.next_offset();
         let issued = Instant::now();
-        let result = if workload.is_write() {
-            image.write_at(buf.as_slice(), offset)
-        } else {
-            image.read_at(buf.as_mut_slice(), offset)
-        };
-        result.map_err(|e| format!("{workload} at {offset}: {e}"))?;
+        do_io(image, workload, &mut buf, offset)?;
         let done = Instant::now();
         latencies.record((done - issued).as_nanos() as u64);
         now = done;
@@ -143,4 +149,13 @@ fn run_job(spec: &PointSpec, image: &Image, job: u64, start_line: &Barrier) -> R
         elapsed: now - start,
         cpu_ns,
     })
+}
+
+fn do_io(image: &Image, workload: Workload, buf: &mut AlignedBuf, offset: u64) -> Result<()> {
+    let result = if workload.is_write() {
+        image.write_at(buf.as_slice(), offset)
+    } else {
+        image.read_at(buf.as_mut_slice(), offset)
+    };
+    result.map_err(|e| format!("{workload} at {offset}: {e}"))
 }

@@ -127,6 +127,7 @@ struct Config {
     jobs: u64,
     image_size_mib: u64,
     runtime_ms: u64,
+    ramp_ms: u64,
     rounds: u64,
     seed: u64,
     qcow2: &'static str,
@@ -150,6 +151,7 @@ impl Report {
                 jobs: plan.jobs,
                 image_size_mib: plan.size >> 20,
                 runtime_ms: plan.runtime_ms,
+                ramp_ms: plan.ramp_ms,
                 rounds: plan.rounds,
                 seed,
                 qcow2: "compat 1.1 (v3), 64 KiB clusters",
@@ -234,11 +236,12 @@ impl Report {
         let _ = writeln!(
             out,
             "\nimage layer vs fio: {} job(s), QD {} (psync), {} MiB images, {} ms per point \
-             and round, median of {} round(s), {}",
+             and round after a {} ms ramp, median of {} round(s), {}",
             self.config.jobs,
             self.config.jobs,
             self.config.image_size_mib,
             self.config.runtime_ms,
+            self.config.ramp_ms,
             self.config.rounds,
             self.config.fio
         );
