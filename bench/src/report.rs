@@ -76,8 +76,23 @@ impl Row {
     }
 }
 
-/// A ferrotap row against the raw references of the same workload, state and backing
-/// (IOPS ratios, which are also the MiB/s ratios).
+/// The median over rounds of `a[round] / b[round]`: each round's systems ran back to back,
+/// so a round pairs figures taken at the same moment of the machine (the lower median for
+/// an even count).
+fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, &b)| b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = *ratios.get(ratios.len().checked_sub(1)? / 2)?;
+    Some(round(median, 3))
+}
+
+/// A ferrotap row against the raw references of the same workload, state and backing:
+/// IOPS ratios (which are also the MiB/s ratios), paired by round.
 #[derive(Debug, Serialize)]
 pub struct Ratio {
     pub system: &'static str,
@@ -200,8 +215,7 @@ impl Report {
             self.runs
                 .iter()
                 .find(|r| r.system == system && r.format == Format::Raw && r.same_point(row))
-                .filter(|r| r.iops > 0.0)
-                .map(|r| round(row.iops / r.iops, 3))
+                .and_then(|r| paired_ratio(&row.iops_rounds, &r.iops_rounds))
         };
         self.ratios = self
             .runs
@@ -289,7 +303,7 @@ impl Report {
         let _ = writeln!(
             out,
             "\n\"vs fio\": IOPS over fio's raw figure, \"vs raw\": over ferrotap's raw figure, \
-             same workload, state and backing, same run."
+             same workload, state and backing: the median over rounds of each round's ratio."
         );
         let _ = writeln!(
             out,
@@ -335,5 +349,22 @@ impl Report {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_pair_rounds() {
+        // Round 2 was slow for both: pairing keeps the ratio at 0.5.
+        assert_eq!(
+            paired_ratio(&[50.0, 10.0, 52.0], &[100.0, 20.0, 104.0]),
+            Some(0.5)
+        );
+        assert_eq!(paired_ratio(&[1.0, 3.0], &[1.0, 1.0]), Some(1.0));
+        assert_eq!(paired_ratio(&[1.0], &[0.0]), None);
+        assert_eq!(paired_ratio(&[], &[]), None);
     }
 }
