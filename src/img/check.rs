@@ -46,14 +46,7 @@ pub fn check_layer(
     path: &std::path::Path,
     format: Option<Format>,
 ) -> Result<(Format, CheckReport)> {
-    let layer = open_layer(
-        path,
-        format,
-        OpenMode {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let layer = open_layer(path, format, OpenMode::read_only())?;
     Ok((layer.format(), layer.check()?))
 }
 
