@@ -8,45 +8,25 @@
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ferrotap::error::{Error, ErrorKind};
-use ferrotap::image::{
-    self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
-};
+use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions};
 use vhd_fixtures::{vhd_checksum, ParsedVhd};
 
 const MIB: u64 = 1 << 20;
 
 fn create(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
+    // Probed, but recorded as VHD whatever it is.
     let backing = parent.map(|p| CreateBacking {
-        name: p.to_string_lossy().into_owned(),
         format: Format::Vhd,
-        layer: open_layer(
-            p,
-            None,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+        ..CreateBacking::open(&p.to_string_lossy(), p, None).unwrap()
     });
-    image::create(
-        path,
-        Format::Vhd,
-        CreateOptions {
-            size,
-            backing,
-            options: opts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        },
-    )
-    .unwrap();
+    let options = CreateOptions::new(size)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Vhd, options).unwrap();
 }
 
 /// An 8 MiB dynamic VHD (2 MiB blocks, batmap) with blocks 0, 2 and 3 allocated, in

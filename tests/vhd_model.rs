@@ -4,15 +4,14 @@
 //! `check` must be clean, and an independent parse of the file must find the batmap and
 //! blocks consistent.
 
+mod common;
+
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferrotap::image::{
-    self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
-};
+use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image};
 use proptest::prelude::*;
 use vhd_fixtures::ParsedVhd;
 
@@ -68,36 +67,19 @@ fn data(seed: u8, offset: u64, len: u64) -> Vec<u8> {
 }
 
 fn create(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
+    // Probed, but recorded as VHD whatever it is.
     let backing = parent.map(|p| CreateBacking {
-        name: p.to_string_lossy().into_owned(),
         format: Format::Vhd,
-        layer: open_layer(
-            p,
-            None,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+        ..CreateBacking::open(&p.to_string_lossy(), p, None).unwrap()
     });
-    image::create(
-        path,
-        Format::Vhd,
-        CreateOptions {
-            size,
-            backing,
-            options: opts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        },
-    )
-    .unwrap();
+    let options = CreateOptions::new(size)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Vhd, options).unwrap();
 }
 
 fn open(path: &Path) -> Image {
-    Image::open(path, ImageOptions::default()).unwrap()
+    common::open_rw(path)
 }
 
 /// Apply `ops` to the image at `path` and to `model`, checking every read; then re-open
