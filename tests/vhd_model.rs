@@ -11,7 +11,8 @@ mod vhd_fixtures;
 
 use std::path::{Path, PathBuf};
 
-use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image};
+use common::create_vhd;
+use ferrotap::image::Image;
 use proptest::prelude::*;
 use vhd_fixtures::ParsedVhd;
 
@@ -64,18 +65,6 @@ fn data(seed: u8, offset: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| ((offset + i) as u8).wrapping_mul(7) ^ seed | 1)
         .collect()
-}
-
-fn create(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
-    // Probed, but recorded as VHD whatever it is.
-    let backing = parent.map(|p| CreateBacking {
-        format: Format::Vhd,
-        ..CreateBacking::open(&p.to_string_lossy(), p, None).unwrap()
-    });
-    let options = CreateOptions::new(size)
-        .with_options(opts)
-        .with_backing(backing);
-    image::create(path, Format::Vhd, options).unwrap();
 }
 
 fn open(path: &Path) -> Image {
@@ -145,7 +134,7 @@ fn parent_template() -> (PathBuf, Vec<u8>) {
     let (dir, model) = TEMPLATE.get_or_init(|| {
         let dir = scratch();
         let base = dir.path().join("base.vhd");
-        create(&base, SIZE, &[("block_size", "131072")], None);
+        create_vhd(&base, SIZE, &[("block_size", "131072")], None);
         let mut model = data(0x5a, 0, SIZE);
         let image = open(&base);
         image.write_at(&model, 0).unwrap();
@@ -164,7 +153,7 @@ proptest! {
     fn fixed_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("f.vhd");
-        create(&path, SIZE, &[("subformat", "fixed")], None);
+        create_vhd(&path, SIZE, &[("subformat", "fixed")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
     }
@@ -173,7 +162,7 @@ proptest! {
     fn dynamic_with_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("d.vhd");
-        create(&path, SIZE, &[("block_size", "65536")], None);
+        create_vhd(&path, SIZE, &[("block_size", "65536")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
         ParsedVhd::parse(&path).assert_consistent();
@@ -183,7 +172,7 @@ proptest! {
     fn dynamic_without_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("d.vhd");
-        create(&path, SIZE, &[("batmap", "off")], None);
+        create_vhd(&path, SIZE, &[("batmap", "off")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
         let parsed = ParsedVhd::parse(&path);
@@ -198,7 +187,7 @@ proptest! {
         let child = dir.path().join("child.vhd");
         let (template, mut model) = parent_template();
         std::fs::copy(template, &base).unwrap();
-        create(&child, 0, &[("block_size", "65536")], Some(&base));
+        create_vhd(&child, 0, &[("block_size", "65536")], Some(&base));
         run(&child, &mut model, &ops)?;
         ParsedVhd::parse(&child).assert_consistent();
         ParsedVhd::parse(&base).assert_consistent();
@@ -214,7 +203,7 @@ fn concurrent_writers_and_lock_free_readers() {
     let dir = scratch();
     let path = dir.path().join("c.vhd");
     let size: u64 = 2 << 20;
-    create(&path, size, &[("block_size", "65536")], None);
+    create_vhd(&path, size, &[("block_size", "65536")], None);
     let image = open(&path);
     let sectors = size / 512;
     let writers = 3u64;
