@@ -1,5 +1,7 @@
 //! The `ferrotap` command: `img` (qemu-img's verbs on ferrotap's image layer) and `demo`.
 
+#![deny(clippy::unwrap_used)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
