@@ -2,14 +2,16 @@
 //! parents stay untouched; checked against an in-memory model, against qemu-img for the
 //! chains qemu can read, and for loops and depth.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{open_rw, read_all, run_ok};
 use ferrotap::error::ErrorKind;
 use ferrotap::image::{
-    self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
-    MAX_CHAIN_DEPTH,
+    self, CreateBacking, CreateOptions, Format, Image, ImageOptions, MAX_CHAIN_DEPTH,
 };
 use proptest::prelude::*;
 
@@ -26,39 +28,15 @@ fn layer_options(format: Format) -> BTreeMap<String, String> {
 
 /// Create `path` as `format`, on `backing` when given (recorded by file name, relative).
 fn create_layer(path: &Path, format: Format, size: u64, backing: Option<(&Path, Format)>) {
-    let backing = backing.map(|(parent, parent_format)| CreateBacking {
-        name: parent.file_name().unwrap().to_string_lossy().into_owned(),
-        format: parent_format,
-        layer: open_layer(
-            parent,
-            Some(parent_format),
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+    let backing = backing.map(|(parent, parent_format)| {
+        let name = parent.file_name().unwrap().to_string_lossy();
+        CreateBacking::open(&name, parent, Some(parent_format)).unwrap()
     });
-    image::create(
-        path,
-        format,
-        CreateOptions {
-            size,
-            backing,
-            options: layer_options(format),
-        },
-    )
-    .unwrap();
-}
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(path, ImageOptions::default()).unwrap()
-}
-
-fn read_all(image: &Image) -> Vec<u8> {
-    let mut data = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut data, 0).unwrap();
-    data
+    let options = CreateOptions {
+        options: layer_options(format),
+        ..CreateOptions::new(size)
+    };
+    image::create(path, format, options.with_backing(backing)).unwrap();
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -193,15 +171,7 @@ proptest! {
 
 /// Run a command, panicking with its output when it fails.
 fn run(cmd: &mut Command) -> Vec<u8> {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
+    run_ok(cmd).stdout
 }
 
 /// qemu reads qcow2 over raw and over a standalone VHD; what ferrotap wrote through the
@@ -385,23 +355,9 @@ fn vhd_on_qcow2_is_refused_clearly() {
     let err = image::create(
         &dir.path().join("top.vhd"),
         Format::Vhd,
-        CreateOptions {
-            size: 1 << 20,
-            backing: Some(CreateBacking {
-                name: "base.qcow2".to_string(),
-                format: Format::Qcow2,
-                layer: open_layer(
-                    &base,
-                    None,
-                    OpenMode {
-                        read_only: true,
-                        direct: false,
-                    },
-                )
-                .unwrap(),
-            }),
-            options: BTreeMap::new(),
-        },
+        CreateOptions::new(1 << 20).with_backing(Some(
+            CreateBacking::open("base.qcow2", &base, None).unwrap(),
+        )),
     )
     .expect_err("VHD on qcow2");
     assert_eq!(err.kind(), ErrorKind::Unsupported);
