@@ -276,14 +276,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     // 6. Every image's metadata checks clean.
     println!("6. check");
-    for path in [
+    let images = [
         &base_raw,
         &overlay,
         &base_vhd,
         &child,
         &flat_qcow2,
         &flat_vhd,
-    ] {
+    ];
+    for path in images {
         let (format, report) = check_layer(path, None)?;
         if !report.corruptions.is_empty() || !report.leaks.is_empty() {
             return Err(Error::invalid(format!(
@@ -325,14 +326,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     );
 
     println!("images:");
-    for path in [
-        &base_raw,
-        &overlay,
-        &base_vhd,
-        &child,
-        &flat_qcow2,
-        &flat_vhd,
-    ] {
+    for path in images {
         println!("  {}", describe(path)?);
     }
     match &args.dir {

@@ -80,6 +80,16 @@ fn qemu_io(format: &str, file: &Path, ops: &[&str]) {
     ok(&mut command);
 }
 
+/// `qemu-img convert -O format src dst`, which must succeed.
+fn qemu_convert(format: &str, src: &Path, dst: &Path) {
+    ok(&mut qemu_img(&["convert", "-O", format, s(src), s(dst)]));
+}
+
+/// `ferrotap img convert -O format src dst`, which must succeed.
+fn ferrotap_convert(format: &str, src: &Path, dst: &Path) {
+    ok(&mut img(&["convert", "-O", format, s(src), s(dst)]));
+}
+
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
@@ -195,13 +205,7 @@ fn create_then_info_agrees_with_qemu_img() {
 fn create_with_backing_takes_its_size_and_qemu_img_sees_the_chain() {
     let scratch = Scratch::new();
     scratch.patterned_raw("base.raw", 16 * MIB);
-    ok(&mut img(&[
-        "convert",
-        "-O",
-        "vhd",
-        s(&scratch.path("base.raw")),
-        s(&scratch.path("base.vhd")),
-    ]));
+    ferrotap_convert("vhd", &scratch.path("base.raw"), &scratch.path("base.vhd"));
     ok(&mut img(&[
         "create",
         "-f",
@@ -304,25 +308,13 @@ fn convert_between_all_formats_agrees_with_qemu_img() {
     // qemu-img's own conversions are the reference.
     let reference_raw = scratch.path("reference.raw");
     let reference_qcow2 = scratch.path("reference.qcow2");
-    ok(&mut qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        s(&source),
-        s(&reference_raw),
-    ]));
-    ok(&mut qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        s(&source),
-        s(&reference_qcow2),
-    ]));
+    qemu_convert("raw", &source, &reference_raw);
+    qemu_convert("qcow2", &source, &reference_qcow2);
 
     let mut outputs = Vec::new();
     for format in ["raw", "qcow2", "vhd"] {
         let out = scratch.path(&format!("ours.{format}"));
-        ok(&mut img(&["convert", "-O", format, s(&source), s(&out)]));
+        ferrotap_convert(format, &source, &out);
         ok(&mut qemu_img(&["compare", s(&source), s(&out)]));
         ok(&mut qemu_img(&["compare", s(&reference_qcow2), s(&out)]));
         let (rc, stdout, _) = code(&mut img(&["compare", s(&reference_raw), s(&out)]));
@@ -372,19 +364,13 @@ fn convert_between_all_formats_agrees_with_qemu_img() {
             s(&expected),
         ]));
         let ours = scratch.path(&format!("ours-from-{subformat}.raw"));
-        ok(&mut img(&["convert", "-O", "raw", s(&qemu_vhd), s(&ours)]));
+        ferrotap_convert("raw", &qemu_vhd, &ours);
         assert!(
             fs::read(&ours).unwrap() == fs::read(&expected).unwrap(),
             "{subformat}"
         );
         let ours_qcow2 = scratch.path(&format!("ours-from-{subformat}.qcow2"));
-        ok(&mut img(&[
-            "convert",
-            "-O",
-            "qcow2",
-            s(&qemu_vhd),
-            s(&ours_qcow2),
-        ]));
+        ferrotap_convert("qcow2", &qemu_vhd, &ours_qcow2);
         ok(&mut qemu_img(&[
             "compare",
             "-F",
@@ -405,13 +391,7 @@ fn convert_between_all_formats_agrees_with_qemu_img() {
         s(&outputs[2]),
         s(&again_qcow2),
     ]));
-    ok(&mut img(&[
-        "convert",
-        "-O",
-        "raw",
-        s(&again_qcow2),
-        s(&again_raw),
-    ]));
+    ferrotap_convert("raw", &again_qcow2, &again_raw);
     assert!(fs::read(&again_raw).unwrap() == fs::read(&reference_raw).unwrap());
     // -p on a pipe: no bar, no control characters, same result.
     let piped = scratch.path("piped.qcow2");
@@ -436,7 +416,7 @@ fn huge_sparse_images_are_walked_by_extent_not_by_chunk() {
     // 64 TiB in 2 MiB steps would be 32 million steps; by extent it is a handful.
     let started = std::time::Instant::now();
     let copy = scratch.path("copy.qcow2");
-    ok(&mut img(&["convert", "-O", "qcow2", s(&huge), s(&copy)]));
+    ferrotap_convert("qcow2", &huge, &copy);
     ok(&mut img(&["compare", s(&huge), s(&copy)]));
     let top = scratch.path("top.qcow2");
     ok(&mut qemu_img(&[
@@ -468,7 +448,7 @@ fn compare_reports_what_qemu_img_reports() {
     let b = scratch.path("b.raw");
     fs::copy(&a, &b).unwrap();
     let vhd = scratch.path("b.vhd");
-    ok(&mut img(&["convert", "-O", "vhd", s(&b), s(&vhd)]));
+    ferrotap_convert("vhd", &b, &vhd);
     let file = OpenOptions::new().write(true).open(&b).unwrap();
     file.write_all_at(b"!", 1_234_567).unwrap();
     drop(file);
@@ -713,7 +693,7 @@ fn check_exit_codes_match_qemu_img() {
     // VHD and raw made by ferrotap check clean.
     let raw = scratch.patterned_raw("p.raw", 4 * MIB);
     let vhd = scratch.path("p.vhd");
-    ok(&mut img(&["convert", "-O", "vhd", s(&raw), s(&vhd)]));
+    ferrotap_convert("vhd", &raw, &vhd);
     for path in [&raw, &vhd] {
         let (rc, stdout, _) = code(&mut img(&["check", s(path)]));
         assert_eq!(rc, 0, "{stdout}");
@@ -791,7 +771,7 @@ fn vhd_check_exit_codes_on_clean_corrupt_and_leaking_images() {
     file.write_all_at(&pattern(3, 6 * MIB as usize), 0).unwrap();
     drop(file);
     let clean = scratch.path("clean.vhd");
-    ok(&mut img(&["convert", "-O", "vhd", s(&raw), s(&clean)]));
+    ferrotap_convert("vhd", &raw, &clean);
     let layout = VhdLayout::read(&clean);
     assert_eq!(layout.entries, 4);
     assert_eq!(layout.bat_entry(3), u32::MAX, "block 3 unallocated");
@@ -842,7 +822,7 @@ fn vhd_check_exit_codes_on_clean_corrupt_and_leaking_images() {
 
 /// Flatten `chain` to raw with ferrotap, before any commit.
 fn flatten(chain: &Path, out: &Path) {
-    ok(&mut img(&["convert", "-O", "raw", s(chain), s(out)]));
+    ferrotap_convert("raw", chain, out);
 }
 
 #[test]
@@ -873,13 +853,7 @@ fn commit_qcow2_into_qcow2_equals_the_flattened_chain() {
     let flat = scratch.path("flat.raw");
     flatten(&top, &flat);
     let reference = scratch.path("reference.raw");
-    ok(&mut qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        s(&top),
-        s(&reference),
-    ]));
+    qemu_convert("raw", &top, &reference);
     assert!(fs::read(&flat).unwrap() == fs::read(&reference).unwrap());
     let (rc, _, stderr) = code(&mut img(&["commit", "-p", s(&top)]));
     assert_eq!((rc, stderr.as_str()), (0, ""));
@@ -916,13 +890,7 @@ fn commit_into_a_smaller_raw_base_grows_it() {
         ],
     );
     let reference = scratch.path("reference.raw");
-    ok(&mut qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        s(&top),
-        s(&reference),
-    ]));
+    qemu_convert("raw", &top, &reference);
     ok(&mut img(&["commit", s(&top)]));
     assert_eq!(qemu_info(&base)["virtual-size"], 12 * MIB);
     // (qemu-img's -s also compares allocation, which legitimately differs here.)
@@ -935,7 +903,7 @@ fn commit_qcow2_into_a_vhd_base() {
     let scratch = Scratch::new();
     let raw = scratch.patterned_raw("pattern.raw", 10 * MIB);
     let base = scratch.path("base.vhd");
-    ok(&mut img(&["convert", "-O", "vhd", s(&raw), s(&base)]));
+    ferrotap_convert("vhd", &raw, &base);
     // qemu makes and writes the qcow2 top over ferrotap's VHD, and flattens the chain.
     let top = scratch.path("top.qcow2");
     ok(&mut qemu_img(&[
@@ -958,13 +926,7 @@ fn commit_qcow2_into_a_vhd_base() {
         ],
     );
     let reference = scratch.path("reference.raw");
-    ok(&mut qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        s(&top),
-        s(&reference),
-    ]));
+    qemu_convert("raw", &top, &reference);
     ok(&mut img(&["commit", s(&top)]));
     ok(&mut img(&["compare", s(&base), s(&reference)]));
     ok(&mut qemu_img(&[
@@ -1019,7 +981,7 @@ fn commit_vhd_into_vhd_equals_the_flattened_chain() {
     let scratch = Scratch::new();
     let raw = scratch.patterned_raw("pattern.raw", 12 * MIB);
     let base = scratch.path("base.vhd");
-    ok(&mut img(&["convert", "-O", "vhd", s(&raw), s(&base)]));
+    ferrotap_convert("vhd", &raw, &base);
     let child = scratch.path("child.vhd");
     ok(&mut img(&[
         "create",

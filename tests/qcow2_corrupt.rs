@@ -227,15 +227,7 @@ fn overlapping_clusters_are_found_by_check() {
     let entry0 = be64(&path, l2);
     let cluster = (entry0 & 0x00ff_ffff_ffff_fe00) / 4096;
     patch(&path, l2 + 8, &entry0.to_be_bytes());
-    let layer = image::open_layer(
-        &path,
-        None,
-        OpenMode {
-            read_only: true,
-            direct: false,
-        },
-    )
-    .unwrap();
+    let layer = image::open_layer(&path, None, OpenMode::read_only()).unwrap();
     let report = layer.check().unwrap();
     let finding = report
         .corruptions

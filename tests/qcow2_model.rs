@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode};
+use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions};
 use proptest::prelude::*;
 
 /// Not a multiple of 4 KiB, so the last cluster is partly outside the disk.
@@ -55,32 +55,13 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn create_qcow2(path: &Path, opts: &[(&str, &str)], backing: Option<(&Path, Format)>) {
-    let backing = backing.map(|(p, format)| CreateBacking {
-        name: p.file_name().unwrap().to_str().unwrap().to_string(),
-        format,
-        layer: image::open_layer(
-            p,
-            Some(format),
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+    let backing = backing.map(|(p, format)| {
+        CreateBacking::open(p.file_name().unwrap().to_str().unwrap(), p, Some(format)).unwrap()
     });
-    image::create(
-        path,
-        Format::Qcow2,
-        CreateOptions {
-            size: SIZE,
-            backing,
-            options: opts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        },
-    )
-    .unwrap();
+    let options = CreateOptions::new(SIZE)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Qcow2, options).unwrap();
 }
 
 fn qemu_check(path: &Path) -> Result<(), String> {

@@ -2,24 +2,16 @@
 //! to `qemu-img convert -O raw`; images ferrotap makes and writes pass `qemu-img check`,
 //! compare equal with `qemu-img compare`, and are read by qcowinfo and pyqcow.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{open_rw, run_ok};
 use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode};
 
 fn run(program: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for this test: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(Command::new(program).args(args))
 }
 
 fn s(p: &Path) -> &str {
@@ -91,37 +83,13 @@ fn qemu_check(path: &Path) {
 }
 
 fn create(path: &Path, size: u64, opts: &[(&str, &str)], backing: Option<(&Path, Format)>) {
-    let backing = backing.map(|(p, format)| CreateBacking {
-        name: p.file_name().unwrap().to_str().unwrap().to_string(),
-        format,
-        layer: image::open_layer(
-            p,
-            Some(format),
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+    let backing = backing.map(|(p, format)| {
+        CreateBacking::open(p.file_name().unwrap().to_str().unwrap(), p, Some(format)).unwrap()
     });
-    let options: BTreeMap<String, String> = opts
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    image::create(
-        path,
-        Format::Qcow2,
-        CreateOptions {
-            size,
-            backing,
-            options,
-        },
-    )
-    .unwrap();
-}
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(path, ImageOptions::default()).unwrap()
+    let options = CreateOptions::new(size)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Qcow2, options).unwrap();
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -724,15 +692,7 @@ fn persistent_bitmaps_are_counted_and_dropped_on_write() {
             .len(),
         2
     );
-    let layer = image::open_layer(
-        &path,
-        None,
-        OpenMode {
-            read_only: true,
-            direct: false,
-        },
-    )
-    .unwrap();
+    let layer = image::open_layer(&path, None, OpenMode::read_only()).unwrap();
     let report = layer.check().unwrap();
     // Without counting the bitmaps' directory, tables and data, these would be leaks.
     assert!(

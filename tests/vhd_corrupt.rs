@@ -5,55 +5,26 @@
 //! rest of such a disk stays readable); none panics. A sweep of single-byte corruptions over the metadata checks that
 //! nothing panics whatever the bytes say.
 
+mod common;
+
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use common::create_vhd;
 use ferrotap::error::{Error, ErrorKind};
-use ferrotap::image::{
-    self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
-};
+use ferrotap::image::{Format, Image, ImageOptions};
 use vhd_fixtures::{vhd_checksum, ParsedVhd};
 
 const MIB: u64 = 1 << 20;
-
-fn create(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
-    let backing = parent.map(|p| CreateBacking {
-        name: p.to_string_lossy().into_owned(),
-        format: Format::Vhd,
-        layer: open_layer(
-            p,
-            None,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
-    });
-    image::create(
-        path,
-        Format::Vhd,
-        CreateOptions {
-            size,
-            backing,
-            options: opts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        },
-    )
-    .unwrap();
-}
 
 /// An 8 MiB dynamic VHD (2 MiB blocks, batmap) with blocks 0, 2 and 3 allocated, in
 /// that order in the file.
 fn sample(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
-    create(&path, 8 * MIB, &[], None);
+    create_vhd(&path, 8 * MIB, &[], None);
     let image = Image::open(&path, ImageOptions::default()).unwrap();
     for block in [0u64, 2, 3] {
         image
@@ -159,7 +130,7 @@ fn truncated_files() {
     assert_names(&open_err(&tiny), &tiny, "footer", 0);
 
     let fixed = dir.path().join("fixed.vhd");
-    create(&fixed, MIB, &[("subformat", "fixed")], None);
+    create_vhd(&fixed, MIB, &[("subformat", "fixed")], None);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&fixed)
@@ -285,8 +256,8 @@ fn absurd_table_and_block_sizes() {
 fn chain(dir: &Path) -> (PathBuf, PathBuf) {
     let base = dir.join("base.vhd");
     let child = dir.join("child.vhd");
-    create(&base, 4 * MIB, &[], None);
-    create(&child, 0, &[], Some(&base));
+    create_vhd(&base, 4 * MIB, &[], None);
+    create_vhd(&child, 0, &[], Some(&base));
     (base, child)
 }
 
@@ -303,7 +274,7 @@ fn missing_and_mismatched_parents() {
     assert!(err.to_string().contains("base.vhd"), "{err}");
 
     // A different disk under the parent's name: its unique id does not match.
-    create(&base, 4 * MIB, &[], None);
+    create_vhd(&base, 4 * MIB, &[], None);
     let err = open_err(&child);
     assert_names(&err, &child, "parent unique id", 512 + 40);
     assert!(err.to_string().contains("base.vhd"), "{err}");
@@ -350,10 +321,10 @@ fn cyclic_chains() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.vhd");
     let b = dir.path().join("b.vhd");
-    create(&a, 4 * MIB, &[], None);
-    create(&b, 0, &[], Some(&a));
+    create_vhd(&a, 4 * MIB, &[], None);
+    create_vhd(&b, 0, &[], Some(&a));
     let c = dir.path().join("c.vhd");
-    create(&c, 0, &[], Some(&b));
+    create_vhd(&c, 0, &[], Some(&b));
     let c_uuid = ParsedVhd::parse(&c).uuid;
     std::fs::rename(&c, &a).unwrap();
     patch_header(&b, 40, &c_uuid);
@@ -374,7 +345,7 @@ fn single_byte_corruptions_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     // A small disk (64 KiB blocks) with blocks 0, 2 and 5 allocated.
     let sample_path = dir.path().join("pristine.vhd");
-    create(&sample_path, 512 * 1024, &[("block_size", "65536")], None);
+    create_vhd(&sample_path, 512 * 1024, &[("block_size", "65536")], None);
     let image = Image::open(&sample_path, ImageOptions::default()).unwrap();
     for block in [0u64, 2, 5] {
         image.write_at(&[0xab; 4096], block * 65536 + 512).unwrap();

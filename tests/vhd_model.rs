@@ -4,15 +4,15 @@
 //! `check` must be clean, and an independent parse of the file must find the batmap and
 //! blocks consistent.
 
+mod common;
+
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferrotap::image::{
-    self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
-};
+use common::create_vhd;
+use ferrotap::image::Image;
 use proptest::prelude::*;
 use vhd_fixtures::ParsedVhd;
 
@@ -67,37 +67,8 @@ fn data(seed: u8, offset: u64, len: u64) -> Vec<u8> {
         .collect()
 }
 
-fn create(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
-    let backing = parent.map(|p| CreateBacking {
-        name: p.to_string_lossy().into_owned(),
-        format: Format::Vhd,
-        layer: open_layer(
-            p,
-            None,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
-    });
-    image::create(
-        path,
-        Format::Vhd,
-        CreateOptions {
-            size,
-            backing,
-            options: opts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-        },
-    )
-    .unwrap();
-}
-
 fn open(path: &Path) -> Image {
-    Image::open(path, ImageOptions::default()).unwrap()
+    common::open_rw(path)
 }
 
 /// Apply `ops` to the image at `path` and to `model`, checking every read; then re-open
@@ -163,7 +134,7 @@ fn parent_template() -> (PathBuf, Vec<u8>) {
     let (dir, model) = TEMPLATE.get_or_init(|| {
         let dir = scratch();
         let base = dir.path().join("base.vhd");
-        create(&base, SIZE, &[("block_size", "131072")], None);
+        create_vhd(&base, SIZE, &[("block_size", "131072")], None);
         let mut model = data(0x5a, 0, SIZE);
         let image = open(&base);
         image.write_at(&model, 0).unwrap();
@@ -182,7 +153,7 @@ proptest! {
     fn fixed_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("f.vhd");
-        create(&path, SIZE, &[("subformat", "fixed")], None);
+        create_vhd(&path, SIZE, &[("subformat", "fixed")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
     }
@@ -191,7 +162,7 @@ proptest! {
     fn dynamic_with_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("d.vhd");
-        create(&path, SIZE, &[("block_size", "65536")], None);
+        create_vhd(&path, SIZE, &[("block_size", "65536")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
         ParsedVhd::parse(&path).assert_consistent();
@@ -201,7 +172,7 @@ proptest! {
     fn dynamic_without_batmap_matches_model(ops in prop::collection::vec(op(), 1..24)) {
         let dir = scratch();
         let path = dir.path().join("d.vhd");
-        create(&path, SIZE, &[("batmap", "off")], None);
+        create_vhd(&path, SIZE, &[("batmap", "off")], None);
         let mut model = vec![0u8; SIZE as usize];
         run(&path, &mut model, &ops)?;
         let parsed = ParsedVhd::parse(&path);
@@ -216,7 +187,7 @@ proptest! {
         let child = dir.path().join("child.vhd");
         let (template, mut model) = parent_template();
         std::fs::copy(template, &base).unwrap();
-        create(&child, 0, &[("block_size", "65536")], Some(&base));
+        create_vhd(&child, 0, &[("block_size", "65536")], Some(&base));
         run(&child, &mut model, &ops)?;
         ParsedVhd::parse(&child).assert_consistent();
         ParsedVhd::parse(&base).assert_consistent();
@@ -232,7 +203,7 @@ fn concurrent_writers_and_lock_free_readers() {
     let dir = scratch();
     let path = dir.path().join("c.vhd");
     let size: u64 = 2 << 20;
-    create(&path, size, &[("block_size", "65536")], None);
+    create_vhd(&path, size, &[("block_size", "65536")], None);
     let image = open(&path);
     let sectors = size / 512;
     let writers = 3u64;

@@ -3,6 +3,8 @@
 //! files laid out as vhd-util lays them (batmap after the BAT), built and re-parsed by the
 //! independent code in tests/common/vhd_fixtures.rs.
 
+mod common;
+
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
@@ -10,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
+use common::{open_rw, read_all, run_ok};
 use ferrotap::image::vhd::VhdLayer;
 use ferrotap::image::{
     self, open_layer, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode,
@@ -22,16 +25,7 @@ const MIB: u64 = 1 << 20;
 type Options<'a> = &'a [(&'a str, &'a str)];
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is the oracle installed?)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -42,46 +36,17 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 fn create_vhd(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
     let backing = parent.map(|p| CreateBacking {
-        name: p.to_string_lossy().into_owned(),
         format: if p.extension().is_some_and(|e| e == "raw") {
             Format::Raw
         } else {
             Format::Vhd
         },
-        layer: open_layer(
-            p,
-            None,
-            OpenMode {
-                read_only: true,
-                direct: false,
-            },
-        )
-        .unwrap(),
+        ..CreateBacking::open(&p.to_string_lossy(), p, None).unwrap()
     });
-    let options: BTreeMap<String, String> = opts
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    image::create(
-        path,
-        Format::Vhd,
-        CreateOptions {
-            size,
-            backing,
-            options,
-        },
-    )
-    .unwrap();
-}
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(path, ImageOptions::default()).unwrap()
-}
-
-fn read_all(image: &Image) -> Vec<u8> {
-    let mut buf = vec![0u8; image.virtual_size() as usize];
-    image.read_at(&mut buf, 0).unwrap();
-    buf
+    let options = CreateOptions::new(size)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Vhd, options).unwrap();
 }
 
 fn write(image: &Image, model: &mut [u8], offset: u64, data: &[u8]) {

@@ -13,10 +13,7 @@ pub fn exercise(format: Format, data: &[u8]) {
         return;
     }
     drop(file);
-    let mode = OpenMode {
-        read_only: false,
-        direct: false,
-    };
+    let mode = OpenMode::read_write();
     if let Ok(layer) = open_layer(&path, Some(format), mode) {
         let _ = layer.check();
         let size = layer.virtual_size();

@@ -21,6 +21,21 @@ pub struct OpenMode {
     pub direct: bool,
 }
 
+impl OpenMode {
+    /// Read-only, through the page cache.
+    pub fn read_only() -> OpenMode {
+        OpenMode {
+            read_only: true,
+            direct: false,
+        }
+    }
+
+    /// Read-write, through the page cache.
+    pub fn read_write() -> OpenMode {
+        OpenMode::default()
+    }
+}
+
 #[derive(Debug)]
 pub struct ImageFile {
     file: File,

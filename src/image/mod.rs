@@ -127,6 +127,19 @@ pub struct CreateBacking {
     pub layer: Arc<dyn Layer>,
 }
 
+impl CreateBacking {
+    /// Open the parent at `path` read-only, to be recorded as `name`; `format` is probed
+    /// when not given.
+    pub fn open(name: &str, path: &Path, format: Option<Format>) -> Result<CreateBacking> {
+        let layer = open_layer(path, format, OpenMode::read_only())?;
+        Ok(CreateBacking {
+            name: name.to_string(),
+            format: layer.format(),
+            layer,
+        })
+    }
+}
+
 /// Parameters of `img create`, format-neutral; `options` holds `-o key=value` pairs that
 /// each format validates (unknown keys are an error).
 pub struct CreateOptions {
@@ -136,6 +149,27 @@ pub struct CreateOptions {
 }
 
 impl CreateOptions {
+    /// `size` bytes, no backing file, no `-o` options.
+    pub fn new(size: u64) -> CreateOptions {
+        CreateOptions {
+            size,
+            backing: None,
+            options: BTreeMap::new(),
+        }
+    }
+
+    /// Add `-o key=value` pairs.
+    pub fn with_options(mut self, pairs: &[(&str, &str)]) -> CreateOptions {
+        self.options
+            .extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    pub fn with_backing(mut self, backing: Option<CreateBacking>) -> CreateOptions {
+        self.backing = backing;
+        self
+    }
+
     /// Take an option out of `options`, so that leftovers can be reported as unknown.
     pub fn take(&mut self, key: &str) -> Option<String> {
         self.options.remove(key)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{format_arg, report_error, wants_json, OutputFormat};
+use super::{format_arg, report_error, OutputArgs};
 use crate::error::Result;
 use crate::image::{open_layer, CheckReport, Finding, Format, OpenMode};
 
@@ -21,11 +21,8 @@ pub struct CheckArgs {
     /// Format of FILE (probed when omitted).
     #[arg(short = 'f', value_name = "FMT", value_parser = format_arg)]
     pub format: Option<Format>,
-    #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
-    /// Same as --output json.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// The image whose own metadata is checked (its parents are not opened).
     pub file: PathBuf,
 }
@@ -46,14 +43,7 @@ pub fn check_layer(
     path: &std::path::Path,
     format: Option<Format>,
 ) -> Result<(Format, CheckReport)> {
-    let layer = open_layer(
-        path,
-        format,
-        OpenMode {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let layer = open_layer(path, format, OpenMode::read_only())?;
     Ok((layer.format(), layer.check()?))
 }
 
@@ -65,7 +55,7 @@ pub fn run(args: &CheckArgs) -> i32 {
             return EXIT_CHECK_FAILED;
         }
     };
-    if wants_json(args.output, args.json) {
+    if args.output.wants_json() {
         let value = json!({
             "filename": args.file.display().to_string(),
             "format": format.name(),

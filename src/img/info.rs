@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::size::human_size;
-use super::{format_arg, wants_json, OutputFormat};
+use super::{format_arg, OutputArgs};
 use crate::error::Result;
 use crate::image::{Format, Image, ImageOptions, Layer};
 
@@ -16,11 +16,8 @@ pub struct InfoArgs {
     /// Format of FILE (probed when omitted).
     #[arg(short = 'f', value_name = "FMT", value_parser = format_arg)]
     pub format: Option<Format>,
-    #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
-    /// Same as --output json.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Describe every layer of the chain, not only FILE.
     #[arg(long)]
     pub backing_chain: bool,
@@ -60,7 +57,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         };
         layer_info(&name, &layers[depth], layers.get(depth + 1))
     };
-    let json_output = wants_json(args.output, args.json);
+    let json_output = args.output.wants_json();
     if args.backing_chain {
         let infos = (0..layers.len())
             .map(describe)

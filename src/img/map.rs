@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{format_arg, open_image, run_length, wants_json, OutputFormat};
+use super::{format_arg, open_image, run_length, OutputArgs};
 use crate::error::Result;
 use crate::image::{Extent, Format, Image, Mapping};
 
@@ -16,11 +16,8 @@ pub struct MapArgs {
     /// Format of FILE (probed when omitted).
     #[arg(short = 'f', value_name = "FMT", value_parser = format_arg)]
     pub format: Option<Format>,
-    #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
-    /// Same as --output json.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// List the extents of every layer on its own instead of the merged guest view.
     #[arg(long)]
     pub layers: bool,
@@ -103,7 +100,7 @@ pub fn guest_map(image: &Image) -> Result<Vec<MapEntry>> {
 
 pub fn run(args: &MapArgs) -> Result<()> {
     let image = open_image(&args.file, args.format, true)?;
-    let json_output = wants_json(args.output, args.json);
+    let json_output = args.output.wants_json();
     if args.layers {
         return print_layers(&image, json_output);
     }

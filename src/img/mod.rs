@@ -19,7 +19,7 @@ pub mod size;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use clap::{Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 
 use crate::error::{Error, Result};
 use crate::image::{Format, Image, ImageOptions};
@@ -92,9 +92,20 @@ pub enum OutputFormat {
     Json,
 }
 
-/// `--output json` or the `--json` shorthand.
-pub fn wants_json(output: OutputFormat, json: bool) -> bool {
-    json || output == OutputFormat::Json
+/// `--output FMT` and its `--json` shorthand, shared by the verbs that report.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Same as --output json.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    pub fn wants_json(&self) -> bool {
+        self.json || self.output == OutputFormat::Json
+    }
 }
 
 /// Open `path` with its whole backing chain.

@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+
+// Each integration test is its own crate and uses only some of these.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions};
+
+/// Run a command and assert it succeeded, showing its output when it did not; a missing
+/// program (an oracle not installed) fails the test.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is the oracle installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Open an image chain read-write.
+pub fn open_rw(path: &Path) -> Image {
+    Image::open(path, ImageOptions::default()).unwrap()
+}
+
+/// The whole virtual disk of `image`.
+pub fn read_all(image: &Image) -> Vec<u8> {
+    let mut data = vec![0u8; image.virtual_size() as usize];
+    image.read_at(&mut data, 0).unwrap();
+    data
+}
+
+/// Create a VHD of `size` with `-o` options, on `parent` when given (recorded by the path
+/// as given).
+pub fn create_vhd(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<&Path>) {
+    // Probed, but recorded as VHD whatever it is.
+    let backing = parent.map(|p| CreateBacking {
+        format: Format::Vhd,
+        ..CreateBacking::open(&p.to_string_lossy(), p, None).unwrap()
+    });
+    let options = CreateOptions::new(size)
+        .with_options(opts)
+        .with_backing(backing);
+    image::create(path, Format::Vhd, options).unwrap();
+}
