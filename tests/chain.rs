@@ -392,34 +392,15 @@ fn block_status_agrees_with_qemu_img_map() {
             .args(["-f", fmt, "-c", cmd])
             .arg(path));
     };
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-        ])
-        .arg(&mid));
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-        ])
-        .arg(&top));
+    // A qcow2 overlay with 64 KiB clusters on `backing`, which qemu opens to size it.
+    let overlay = |path: &Path, backing: &str, backing_format: &str| {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+            .args(["-b", backing, "-F", backing_format])
+            .arg(path));
+    };
+    overlay(&mid, "base.raw", "raw");
+    overlay(&top, "mid.qcow2", "qcow2");
     qemu_io("raw", &base, "write -P 0x11 0 1M");
     qemu_io("qcow2", &mid, "write -P 0x22 512k 1M");
     qemu_io("qcow2", &mid, "write -z 3M 256k");
