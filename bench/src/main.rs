@@ -37,7 +37,7 @@ pub struct PointConfig {
 }
 
 /// One system's figures for one point.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Measured {
     pub iops: f64,
     pub mib_s: f64,

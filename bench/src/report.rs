@@ -23,12 +23,9 @@ pub struct Row {
     pub state: State,
     pub backing: String,
     pub jobs: u64,
-    pub iops: f64,
-    pub mib_s: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub cpu_pct: f64,
-    pub rss_mib: f64,
+    /// The median round, rounded for the report.
+    #[serde(flatten)]
+    pub measured: Measured,
     /// IOPS of every round, in the order measured; the row is the median one.
     pub iops_rounds: Vec<f64>,
 }
@@ -59,12 +56,14 @@ impl Row {
             state,
             backing: backing.label(),
             jobs,
-            iops: round(m.iops, 1),
-            mib_s: round(m.mib_s, 2),
-            p50_us: round(m.p50_us, 2),
-            p99_us: round(m.p99_us, 2),
-            cpu_pct: round(m.cpu_pct, 1),
-            rss_mib: round(m.rss_mib, 1),
+            measured: Measured {
+                iops: round(m.iops, 1),
+                mib_s: round(m.mib_s, 2),
+                p50_us: round(m.p50_us, 2),
+                p99_us: round(m.p99_us, 2),
+                cpu_pct: round(m.cpu_pct, 1),
+                rss_mib: round(m.rss_mib, 1),
+            },
             iops_rounds: rounds.iter().map(|r| round(r.iops, 1)).collect(),
         }
     }
@@ -290,12 +289,12 @@ impl Report {
                 row.format.name(),
                 row.state.name(),
                 row.backing,
-                row.iops,
-                row.mib_s,
-                row.p50_us,
-                row.p99_us,
-                row.cpu_pct,
-                row.rss_mib,
+                row.measured.iops,
+                row.measured.mib_s,
+                row.measured.p50_us,
+                row.measured.p99_us,
+                row.measured.cpu_pct,
+                row.measured.rss_mib,
                 fmt_ratio(ratio.and_then(|r| r.vs_fio_raw)),
                 fmt_ratio(ratio.and_then(|r| r.vs_ferrotap_raw)),
             );
