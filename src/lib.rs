@@ -7,8 +7,11 @@
 // tests (separate crates) may unwrap freely.
 #![deny(clippy::unwrap_used)]
 
+pub mod blkif;
 pub mod demo;
+pub mod engine;
 pub mod error;
 pub mod image;
 pub mod img;
 mod sys;
+pub mod xen;

@@ -1,0 +1,90 @@
+//! I/O engines: io_uring first, Linux native AIO where io_uring is missing or disabled.
+//! A queue thread owns one engine and blocks only inside it: event-channel and control fds
+//! are watched through the same engine.
+
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use crate::error::Result;
+
+pub mod aio;
+pub mod uring;
+
+/// Which engine a queue uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// io_uring: batched submission, fixed buffers, polls fds through the same ring.
+    Uring,
+    /// Linux native AIO (io_submit) with an eventfd, waiting in poll(2).
+    Aio,
+}
+
+/// One I/O on a file descriptor. Buffers are raw pointers: the caller keeps them alive and
+/// untouched until the completion with the same token arrives (see [`Engine::push`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Read {
+        fd: RawFd,
+        offset: u64,
+        buf: *mut u8,
+        len: u32,
+    },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        buf: *const u8,
+        len: u32,
+    },
+    /// fdatasync: completed writes' data and the metadata needed to read them are durable.
+    Fsync { fd: RawFd },
+}
+
+/// A finished operation or a watched fd that became readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub token: u64,
+    /// Bytes moved (or poll revents for a watch), or a negative errno.
+    pub result: i32,
+}
+
+/// A per-thread I/O engine.
+pub trait Engine {
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+
+    /// Make later ops whose buffers lie inside these regions use registered (fixed)
+    /// buffers where the engine has them. Call once, before any `push`.
+    fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> Result<()>;
+
+    /// Queue `op`; it is submitted by the next `wait` (or earlier when the queue fills).
+    ///
+    /// # Safety
+    /// The op's buffer must stay valid (and, for reads, unaliased) until the completion
+    /// carrying `token` has been returned by `wait`.
+    unsafe fn push(&mut self, token: u64, op: Op) -> Result<()>;
+
+    /// One-shot watch: a completion with `token` arrives once `fd` is readable.
+    /// Re-arm after each such completion.
+    fn watch_readable(&mut self, fd: RawFd, token: u64) -> Result<()>;
+
+    /// Submit everything queued, then wait until at least `min_complete` completions are
+    /// ready or `timeout` passes (`None`: no limit; `Some(ZERO)`: do not block), and
+    /// append every ready completion to `out`.
+    fn wait(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> Result<()>;
+
+    /// Operations pushed and not yet completed (watches excluded).
+    fn in_flight(&self) -> usize;
+}
+
+/// Make an engine of `kind` with room for `depth` operations in flight.
+pub fn new_engine(kind: EngineKind, depth: u32) -> Result<Box<dyn Engine>> {
+    match kind {
+        EngineKind::Uring => Ok(Box::new(uring::UringEngine::new(depth)?)),
+        EngineKind::Aio => Ok(Box::new(aio::AioEngine::new(depth)?)),
+    }
+}
