@@ -39,7 +39,7 @@ impl RingMemory {
 
     /// A header word, as a hostile frontend would write it.
     fn header(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset < RING_HEADER_SIZE && offset % 4 == 0);
+        assert!(offset < RING_HEADER_SIZE && offset.is_multiple_of(4));
         // SAFETY: inside the buffer, 4-byte aligned (the buffer is 8-byte aligned).
         unsafe { &*((self.words.as_ptr() as *const u8).add(offset) as *const AtomicU32) }
     }
@@ -489,7 +489,6 @@ fn a_backend_reattaching_rereads_the_unanswered_requests() {
     back.put_response(&response_for(&first));
     back.push_responses();
     assert!(back.next_request().unwrap().is_some());
-    drop(back);
     let (base, len) = (memory.base(), memory.len());
     // SAFETY: the buffer outlives the ring.
     let mut back = unsafe { BackRing::new(base, len, Protocol::X86_32) };
@@ -516,7 +515,7 @@ fn two_threads_with_real_sleeps_complete_every_request() {
                 while let Some(req) = back.next_request().unwrap() {
                     back.put_response(&response_for(&req));
                     served += 1;
-                    if served % 7 == 0 && back.push_responses() {
+                    if served.is_multiple_of(7) && back.push_responses() {
                         let _ = wake_front.send(());
                     }
                 }
@@ -540,7 +539,7 @@ fn two_threads_with_real_sleeps_complete_every_request() {
                 assert!(front.put_request(&request(next_id, next_id as u8)));
                 next_id += 1;
                 put = true;
-                if next_id % 5 == 0 {
+                if next_id.is_multiple_of(5) {
                     break;
                 }
             }
@@ -559,7 +558,5 @@ fn two_threads_with_real_sleeps_complete_every_request() {
             }
         }
         assert_eq!(backend.join().unwrap(), REQUESTS);
-        drop(front);
-        drop(memory);
     }
 }
