@@ -31,10 +31,6 @@ impl PoolBuffer {
     pub fn ptr(&self) -> NonNull<u8> {
         self.ptr
     }
-
-    pub fn len(&self) -> usize {
-        self.pages * PAGE_SIZE
-    }
 }
 
 impl BufferPool {
@@ -69,10 +65,6 @@ impl BufferPool {
     /// The whole pool, for engine registration.
     pub fn region(&self) -> (*mut u8, usize) {
         (self.base.as_ptr(), self.pages * PAGE_SIZE)
-    }
-
-    pub fn capacity_bytes(&self) -> usize {
-        self.pages * PAGE_SIZE
     }
 
     fn is_used(&self, page: usize) -> bool {
@@ -168,9 +160,8 @@ impl EventFd {
             return Err(Error::io("eventfd", io::Error::last_os_error()));
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
     }
 
     /// Make the fd readable.
@@ -252,7 +243,7 @@ mod tests {
         assert_eq!(c.first_page, 0);
         let d = pool.alloc(4 * PAGE_SIZE).unwrap();
         assert_eq!(d.first_page, 4);
-        assert_eq!(d.len(), 4 * PAGE_SIZE);
+        assert_eq!(d.pages, 4);
         pool.free(b);
         pool.free(c);
         pool.free(d);

@@ -161,7 +161,8 @@ impl QueueThread {
         // live in this struct and the mapping field is declared after the ring.
         let ring = unsafe { BackRing::new(setup.ring.as_ptr(), setup.ring.len(), setup.protocol) };
         let max_indirect_segments = config.features.max_indirect_segments;
-        let largest_request = blkif::MAX_SEGMENTS_PER_REQUEST.max(max_indirect_segments) * PAGE_SIZE;
+        let largest_request =
+            blkif::MAX_SEGMENTS_PER_REQUEST.max(max_indirect_segments) * PAGE_SIZE;
         let pool = BufferPool::new(config.pool_bytes.max(largest_request))?;
         let depth = (ring_size * 2).clamp(64, 1024) as u32;
         let mut engine = new_engine(config.engine, depth)?;
@@ -195,7 +196,9 @@ impl QueueThread {
             exclusive_running: false,
             stopping: false,
             responses_waiting: false,
-            segments: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
+            segments: Vec::with_capacity(
+                max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST),
+            ),
             pieces: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
             copies: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
             completions: Vec::with_capacity(depth as usize),
@@ -212,7 +215,8 @@ impl QueueThread {
     fn serve(&mut self) -> Result<()> {
         self.engine.watch_readable(self.evtchn.fd(), TOKEN_EVTCHN)?;
         self.engine.watch_readable(self.stop.fd(), TOKEN_STOP)?;
-        self.engine.watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
+        self.engine
+            .watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
         let poll_window = self.shared.config.poll_window;
         loop {
             if self.shared.stopping.load(Ordering::Acquire) {
@@ -330,7 +334,8 @@ impl QueueThread {
                 }
                 self.job_results = results;
                 if !self.stopping {
-                    self.engine.watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
+                    self.engine
+                        .watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
                 }
             }
             token => {
@@ -415,9 +420,10 @@ impl QueueThread {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let features = &self.shared.config.features;
         let (data_op, response_op) = match (request.operation, request.body) {
-            (op::READ | op::WRITE | op::FLUSH_DISKCACHE | op::WRITE_BARRIER, RequestBody::Direct { .. }) => {
-                (request.operation, request.operation)
-            }
+            (
+                op::READ | op::WRITE | op::FLUSH_DISKCACHE | op::WRITE_BARRIER,
+                RequestBody::Direct { .. },
+            ) => (request.operation, request.operation),
             (op::INDIRECT, RequestBody::Indirect { indirect_op, .. }) => {
                 // The response carries the inner operation: Linux blkfront stops on op 6.
                 (indirect_op, indirect_op)
@@ -496,8 +502,8 @@ impl QueueThread {
                 segments,
             } => {
                 let n = nr_segments as usize;
-                let flush_only = n == 0
-                    && matches!(data_op, op::FLUSH_DISKCACHE | op::WRITE_BARRIER);
+                let flush_only =
+                    n == 0 && matches!(data_op, op::FLUSH_DISKCACHE | op::WRITE_BARRIER);
                 if (n == 0 && !flush_only) || n > blkif::MAX_SEGMENTS_PER_REQUEST {
                     return false;
                 }
@@ -592,7 +598,9 @@ impl QueueThread {
         match data_op {
             op::READ => {
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
             }
             op::WRITE => {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -967,7 +975,9 @@ impl QueueThread {
         }
         self.responses_waiting = false;
         if self.ring.push_responses() {
-            self.stats.notifications_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .notifications_sent
+                .fetch_add(1, Ordering::Relaxed);
             if let Err(err) = self.evtchn.notify() {
                 eprintln!("ferrotap: queue {}: notify: {err}", self.index);
             }

@@ -4,7 +4,7 @@
 //! blocks in its engine. Jobs and results travel over channels; an eventfd, watched by the
 //! queue's engine, says results are waiting.
 
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -80,14 +80,9 @@ impl Worker {
     /// Collect finished jobs (after the wake fd fired, or any time).
     pub fn collect(&mut self, out: &mut Vec<JobResult>) {
         self.wake.clear();
-        loop {
-            match self.results.try_recv() {
-                Ok(result) => {
-                    self.pending -= 1;
-                    out.push(result);
-                }
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-            }
+        while let Ok(result) = self.results.try_recv() {
+            self.pending -= 1;
+            out.push(result);
         }
     }
 }
