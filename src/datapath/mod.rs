@@ -237,15 +237,15 @@ impl Device {
         let persistent = params.persistent && features.persistent;
         let ring_size = ring_entries(pages, params.protocol) as usize;
         let max_segments = blkif::MAX_SEGMENTS_PER_REQUEST.max(features.max_indirect_segments);
-        // Ring pages, persistent pages (blkif.h's bound, kept per queue) and indirect pages.
-        let max_grants = (pages
-            + if persistent {
-                ring_size * blkif::MAX_SEGMENTS_PER_REQUEST
-            } else {
-                0
-            }
-            + blkif::MAX_INDIRECT_PAGES_PER_REQUEST
-            + max_segments) as u32;
+        // Ring pages, the persistent pages kept (blkif.h's bound, per queue), and the pages
+        // of every request that can be in flight at once (beyond the kept ones, a request's
+        // pages are mapped for it alone).
+        let kept = if persistent {
+            ring_size * blkif::MAX_SEGMENTS_PER_REQUEST
+        } else {
+            0
+        };
+        let max_grants = (pages + kept + ring_size * max_segments) as u32;
 
         let shared = Arc::new(Shared {
             image: Arc::clone(&self.image),

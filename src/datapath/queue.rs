@@ -624,11 +624,13 @@ impl QueueThread {
                 s.flush_after = true;
             }
         }
-        if bytes > 0 && !self.resolve_memory(slot, request.sector, buffer, is_read) {
-            self.set_status(slot, status::ERROR);
-        }
-        if self.slot_ok(slot) {
-            self.pieces_to_io(slot, is_read);
+        if bytes > 0 {
+            if !self.resolve_memory(slot, request.sector, buffer, is_read) {
+                self.set_status(slot, status::ERROR);
+            }
+            if self.slot_ok(slot) {
+                self.pieces_to_io(slot, is_read);
+            }
         }
         self.finish_if_done(slot);
         None
