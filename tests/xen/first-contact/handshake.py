@@ -79,29 +79,39 @@ def wait_state(fe, wanted, timeout):
     return None
 
 
+def xs_tree(path):
+    """Every key under `path` (one xenstore-ls: each xenstore call costs a process)."""
+    keys = {}
+    for line in xs_ls(path).splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep and key.startswith(path + "/"):
+            keys[key[len(path) + 1:]] = value.strip().strip('"')
+    return keys
+
+
 def transport_keys(fe):
     """The connect request for the keys blkfront wrote (Linux xen-blkfront's layout)."""
-    order = int(xs_read(fe + "/ring-page-order") or 0)
-    nqueues = xs_read(fe + "/multi-queue-num-queues")
+    keys = xs_tree(fe)
+    order = int(keys.get("ring-page-order", 0))
+    nqueues = keys.get("multi-queue-num-queues")
     queues = []
     for q in range(int(nqueues or 1)):
         # Without multi-queue-num-queues the ring keys are in FE itself, else in FE/queue-N.
-        qdir = fe if nqueues is None else "%s/queue-%d" % (fe, q)
+        qdir = "" if nqueues is None else "queue-%d/" % q
         if order == 0:
             # One page: "ring-ref" (blkfront writes it even beside ring-page-order=0).
-            refs = [int(xs_read(qdir + "/ring-ref") or xs_read(qdir + "/ring-ref0"))]
+            refs = [int(keys.get(qdir + "ring-ref") or keys[qdir + "ring-ref0"])]
         else:
-            refs = [int(xs_read("%s/ring-ref%d" % (qdir, i))) for i in range(1 << order)]
-        queues.append({"ring_refs": refs, "event_channel": int(xs_read(qdir + "/event-channel"))})
+            refs = [int(keys[qdir + "ring-ref%d" % i]) for i in range(1 << order)]
+        queues.append({"ring_refs": refs, "event_channel": int(keys[qdir + "event-channel"])})
     request = {
         "op": "connect",
         "ring_page_order": order,
         "queues": queues,
-        "persistent": xs_read(fe + "/feature-persistent") == "1",
+        "persistent": keys.get("feature-persistent") == "1",
     }
-    protocol = xs_read(fe + "/protocol")
-    if protocol is not None:
-        request["protocol"] = protocol
+    if "protocol" in keys:
+        request["protocol"] = keys["protocol"]
     return request
 
 
@@ -156,7 +166,7 @@ def main():
     ])
     xs_write([(be + "/state", 4)])
     log("state 4 (Connected): sectors=%d" % info["sectors"])
-    if wait_state(fe, ("4",), 60) is None:
+    if wait_state(fe, ("4",), 180) is None:
         log("FAIL frontend did not reach Connected; its state:", xs_read(fe + "/state"))
     else:
         log("frontend Connected; backend keys:")

@@ -6,14 +6,14 @@
 
 FTX=/lab/extra
 
-# ft_case NAME IMAGE FORMAT BLKFRONT_PARAMS VCPUS
+# ft_case NAME IMAGE FORMAT BLKFRONT_PARAMS VCPUS MEMORY_MIB
 #   serves IMAGE to a new domu1 with xen-blkfront loaded with BLKFRONT_PARAMS (a=1,b=2),
 #   runs ftcheck in the guest, then checks the image from dom0 and serve's stats.
 ft_case() {
-  name=$1; img=$2; fmt=$3; params=$4; vcpus=$5
+  name=$1; img=$2; fmt=$3; params=$4; vcpus=$5; mem=$6
   out=/run/ft-$name; rm -rf $out; mkdir -p $out
   fails=""
-  T "=== first-contact case $name: $fmt image $img, blkfront $params, $vcpus vCPUs ==="
+  T "=== first-contact case $name: $fmt image $img, blkfront $params, $vcpus vCPUs, $mem MiB ==="
   ctl=/run/ft-$name.ctl
   mkfifo $out/serve.fifo
   sed -u 's/^/FERROTAP: /' < $out/serve.fifo &
@@ -24,7 +24,7 @@ ft_case() {
   T "ferrotap serve pid $ftpid, control socket $ctl after ${i}x0.1s"
 
   mkcfg ""
-  sed -i "s/^vcpus = .*/vcpus = $vcpus/" /run/domu.cfg
+  sed -i "s/^vcpus = .*/vcpus = $vcpus/; s/^memory = .*/memory = $mem/" /run/domu.cfg
   sed -i "s#^extra = \"\(.*\)\"#extra = \"\1 ftblk=$params\"#" /run/domu.cfg
   T "xl create -p"; xl create -p /run/domu.cfg; T "xl create rc=$?"
   D=$(xl domid domu1); DEV=51712
@@ -87,5 +87,23 @@ ft_case() {
 }
 
 T "first-contact: $($FTX/ferrotap --version 2>&1)"
+# Persistent grants, 4-page rings, 2 queues, 64-segment indirect requests. blkfront keeps a
+# page per grant it may use (ring entries x (segments + indirect pages) per queue), 65 MiB
+# here: at order 4 with 256 segments it would want 1 GiB and the guest dies of OOM.
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
-ft_case raw4q2 /lab/ft-disk.raw raw max_ring_page_order=4,max_queues=2,max_indirect_segments=256 2
+ft_case raw-persistent-mq /lab/ft-disk.raw raw \
+  max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512
+rm -f /lab/ft-disk.raw
+# Grant copy (no persistent grants), one 1-page ring, 256-segment indirect requests, on a
+# qcow2 overlay of an empty raw base (made by qemu-img, the oracle, which also checks it).
+rm -f /lab/ft-base.raw /lab/ft-top.qcow2
+qemu-img create -q -f raw /lab/ft-base.raw 256M
+qemu-img create -q -f qcow2 -b /lab/ft-base.raw -F raw /lab/ft-top.qcow2
+ft_case qcow2-copy /lab/ft-top.qcow2 qcow2 \
+  feature_persistent=0,max_ring_page_order=0,max_queues=1,max_indirect_segments=256 1 256
+if cmp -s -n 268435456 /lab/ft-base.raw /dev/zero; then
+  T "base image untouched (all zeros): writes went to the qcow2 overlay"
+else
+  T "RESULT FAIL first-contact qcow2-copy: the raw base under the overlay was written"
+fi
+rm -f /lab/ft-base.raw /lab/ft-top.qcow2
