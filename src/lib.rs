@@ -15,3 +15,4 @@ pub mod image;
 pub mod img;
 mod sys;
 pub mod xen;
+pub mod xensim;
