@@ -8,11 +8,13 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod blkif;
+pub mod datapath;
 pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod image;
 pub mod img;
+pub mod serve;
 mod sys;
 pub mod xen;
 pub mod xensim;

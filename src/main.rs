@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
+use ferrotap::serve::{self, ServeArgs};
 use ferrotap::xensim::{self, XensimCommand};
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,8 @@ enum Command {
         #[command(subcommand)]
         command: ImgCommand,
     },
+    /// Serve one VBD: open the image chain, listen on a control socket, serve the rings.
+    Serve(ServeArgs),
     /// Run a self-contained tour of the image layer in a temporary directory.
     Demo(DemoArgs),
     /// Simulated Xen guests on a xensim host (tests and the ring benchmark).
@@ -42,6 +45,13 @@ fn main() -> ExitCode {
     let code = match &cli.command {
         Command::Img { command } => img::run(command),
         Command::Xensim { command } => xensim::run(command),
+        Command::Serve(args) => match serve::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                img::report_error(&err);
+                1
+            }
+        },
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => 0,
             Err(err) => {

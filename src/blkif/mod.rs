@@ -94,49 +94,261 @@ pub struct Response {
     pub status: i16,
 }
 
+/// Byte offsets of the fields whose place differs between the two layouts. The first four
+/// bytes (operation, then `nr_segments`/`indirect_op`/`flag`, then `handle`/`nr_segments`)
+/// are common to both.
+struct Layout {
+    id: usize,
+    sector: usize,
+    segments: usize,
+    indirect_handle: usize,
+    indirect_grefs: usize,
+    discard_nr_sectors: usize,
+}
+
+/// x86_64: 64-bit fields aligned to 8.
+const LAYOUT_X86_64: Layout = Layout {
+    id: 8,
+    sector: 16,
+    segments: 24,
+    indirect_handle: 24,
+    indirect_grefs: 28,
+    discard_nr_sectors: 24,
+};
+
+/// x86_32: 64-bit fields aligned to 4 only, so everything after `handle` moves up by 4.
+const LAYOUT_X86_32: Layout = Layout {
+    id: 4,
+    sector: 12,
+    segments: 20,
+    indirect_handle: 20,
+    indirect_grefs: 24,
+    discard_nr_sectors: 20,
+};
+
+/// The largest entry of either protocol: local copies of an entry use this much stack.
+const MAX_ENTRY_SIZE: usize = 112;
+/// Bytes of `blkif_response` as ferrotap writes it (id, operation, pad, status, 4 pad).
+const RESPONSE_SIZE: usize = 16;
+/// Bytes of one `blkif_request_segment`.
+const SEGMENT_SIZE: usize = 8;
+
+fn get_u16(buf: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([buf[at], buf[at + 1]])
+}
+
+fn get_u32(buf: &[u8], at: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(bytes)
+}
+
+fn get_u64(buf: &[u8], at: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(bytes)
+}
+
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+fn decode_segment(buf: &[u8]) -> Segment {
+    Segment {
+        gref: get_u32(buf, 0),
+        first_sect: buf[4],
+        last_sect: buf[5],
+    }
+}
+
+fn encode_segment(segment: &Segment, buf: &mut [u8]) {
+    put(buf, 0, &segment.gref.to_le_bytes());
+    buf[4] = segment.first_sect;
+    buf[5] = segment.last_sect;
+    buf[6] = 0;
+    buf[7] = 0;
+}
+
 impl Protocol {
     /// From the frontend's `protocol` key; no key means the native `x86_64-abi`.
     pub fn from_xenstore(value: Option<&str>) -> crate::error::Result<Protocol> {
-        todo!("{value:?}")
+        match value {
+            None | Some("x86_64-abi") => Ok(Protocol::X86_64),
+            Some("x86_32-abi") => Ok(Protocol::X86_32),
+            Some(other) => Err(crate::error::Error::invalid(format!(
+                "unknown blkif protocol {other:?} (expected x86_64-abi or x86_32-abi)"
+            ))),
+        }
     }
 
     /// The xenstore spelling (`x86_64-abi`, `x86_32-abi`).
     pub fn name(self) -> &'static str {
-        todo!()
+        match self {
+            Protocol::X86_64 => "x86_64-abi",
+            Protocol::X86_32 => "x86_32-abi",
+        }
     }
 
     /// Bytes of one ring entry (112 or 108).
     pub fn entry_size(self) -> usize {
-        todo!()
+        match self {
+            Protocol::X86_64 => 112,
+            Protocol::X86_32 => 108,
+        }
+    }
+
+    fn layout(self) -> &'static Layout {
+        match self {
+            Protocol::X86_64 => &LAYOUT_X86_64,
+            Protocol::X86_32 => &LAYOUT_X86_32,
+        }
     }
 
     /// Copy a request out of one ring entry (`entry.len() == entry_size()`).
+    ///
+    /// Any bytes decode: an unknown operation gives a `Direct` body (the caller answers
+    /// EOPNOTSUPP), and a short `entry` reads as if zero-padded. Nothing is validated here.
     pub fn decode_request(self, entry: &[u8]) -> Request {
-        todo!("{entry:?}")
+        let mut buf = [0u8; MAX_ENTRY_SIZE];
+        let len = entry.len().min(self.entry_size());
+        buf[..len].copy_from_slice(&entry[..len]);
+        let layout = self.layout();
+        let operation = buf[0];
+        let id = get_u64(&buf, layout.id);
+        let sector = get_u64(&buf, layout.sector);
+        let (handle, body) = match operation {
+            op::INDIRECT => {
+                let mut indirect_grefs = [0u32; MAX_INDIRECT_PAGES_PER_REQUEST];
+                for (i, gref) in indirect_grefs.iter_mut().enumerate() {
+                    *gref = get_u32(&buf, layout.indirect_grefs + 4 * i);
+                }
+                let body = RequestBody::Indirect {
+                    indirect_op: buf[1],
+                    nr_segments: get_u16(&buf, 2),
+                    indirect_grefs,
+                };
+                (get_u16(&buf, layout.indirect_handle), body)
+            }
+            op::DISCARD => {
+                let body = RequestBody::Discard {
+                    flag: buf[1],
+                    nr_sectors: get_u64(&buf, layout.discard_nr_sectors),
+                };
+                (get_u16(&buf, 2), body)
+            }
+            _ => {
+                let mut segments = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
+                for (i, segment) in segments.iter_mut().enumerate() {
+                    let at = layout.segments + SEGMENT_SIZE * i;
+                    *segment = decode_segment(&buf[at..at + SEGMENT_SIZE]);
+                }
+                let body = RequestBody::Direct {
+                    nr_segments: buf[1],
+                    segments,
+                };
+                (get_u16(&buf, 2), body)
+            }
+        };
+        Request {
+            operation,
+            id,
+            sector,
+            handle,
+            body,
+        }
     }
 
     /// Lay a request out in one ring entry (the frontend side; zeroes the padding).
+    ///
+    /// The body decides the layout, whatever `operation` says (tests use this to send an
+    /// unknown operation with a direct body). Writes `entry_size()` bytes, fewer if `entry`
+    /// is shorter.
     pub fn encode_request(self, request: &Request, entry: &mut [u8]) {
-        todo!("{request:?} {entry:?}")
+        let mut buf = [0u8; MAX_ENTRY_SIZE];
+        let layout = self.layout();
+        buf[0] = request.operation;
+        put(&mut buf, layout.id, &request.id.to_le_bytes());
+        put(&mut buf, layout.sector, &request.sector.to_le_bytes());
+        match &request.body {
+            RequestBody::Direct {
+                nr_segments,
+                segments,
+            } => {
+                buf[1] = *nr_segments;
+                put(&mut buf, 2, &request.handle.to_le_bytes());
+                for (i, segment) in segments.iter().enumerate() {
+                    let at = layout.segments + SEGMENT_SIZE * i;
+                    encode_segment(segment, &mut buf[at..at + SEGMENT_SIZE]);
+                }
+            }
+            RequestBody::Indirect {
+                indirect_op,
+                nr_segments,
+                indirect_grefs,
+            } => {
+                buf[1] = *indirect_op;
+                put(&mut buf, 2, &nr_segments.to_le_bytes());
+                put(
+                    &mut buf,
+                    layout.indirect_handle,
+                    &request.handle.to_le_bytes(),
+                );
+                for (i, gref) in indirect_grefs.iter().enumerate() {
+                    put(&mut buf, layout.indirect_grefs + 4 * i, &gref.to_le_bytes());
+                }
+            }
+            RequestBody::Discard { flag, nr_sectors } => {
+                buf[1] = *flag;
+                put(&mut buf, 2, &request.handle.to_le_bytes());
+                put(
+                    &mut buf,
+                    layout.discard_nr_sectors,
+                    &nr_sectors.to_le_bytes(),
+                );
+            }
+        }
+        let len = entry.len().min(self.entry_size());
+        entry[..len].copy_from_slice(&buf[..len]);
     }
 
-    /// Lay a response out at the start of one ring entry.
+    /// Lay a response out at the start of one ring entry: 16 bytes, padding zeroed (fewer if
+    /// `entry` is shorter).
     pub fn encode_response(self, response: &Response, entry: &mut [u8]) {
-        todo!("{response:?} {entry:?}")
+        let mut buf = [0u8; RESPONSE_SIZE];
+        put(&mut buf, 0, &response.id.to_le_bytes());
+        buf[8] = response.operation;
+        put(&mut buf, 10, &response.status.to_le_bytes());
+        let len = entry.len().min(RESPONSE_SIZE);
+        entry[..len].copy_from_slice(&buf[..len]);
     }
 
-    /// Read a response from one ring entry (the frontend side).
+    /// Read a response from one ring entry (the frontend side); a short entry reads as if
+    /// zero-padded.
     pub fn decode_response(self, entry: &[u8]) -> Response {
-        todo!("{entry:?}")
+        let mut buf = [0u8; RESPONSE_SIZE];
+        let len = entry.len().min(RESPONSE_SIZE);
+        buf[..len].copy_from_slice(&entry[..len]);
+        Response {
+            id: get_u64(&buf, 0),
+            operation: buf[8],
+            status: get_u16(&buf, 10) as i16,
+        }
     }
 }
 
-/// Decode the `count` segment descriptors of an indirect page into `out[..count]`.
+/// Decode the `count` segment descriptors of an indirect page into `out[..count]`
+/// (`count = out.len()`); descriptors past the end of `page` read as zero.
 pub fn decode_indirect_segments(page: &[u8], out: &mut [Segment]) {
-    todo!("{page:?} {out:?}")
+    let mut descriptors = page.chunks_exact(SEGMENT_SIZE);
+    for segment in out.iter_mut() {
+        *segment = descriptors.next().map(decode_segment).unwrap_or_default();
+    }
 }
 
-/// Encode segment descriptors into an indirect page (the frontend side).
+/// Encode segment descriptors into an indirect page (the frontend side); descriptors that do
+/// not fit in `page` are dropped.
 pub fn encode_indirect_segments(segments: &[Segment], page: &mut [u8]) {
-    todo!("{segments:?} {page:?}")
+    for (segment, descriptor) in segments.iter().zip(page.chunks_exact_mut(SEGMENT_SIZE)) {
+        encode_segment(segment, descriptor);
+    }
 }

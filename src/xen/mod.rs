@@ -3,10 +3,12 @@
 //! contract (../shared/xensim.md) on files and unix sockets. Nothing above this layer knows
 //! which one is in use.
 
+use std::fmt;
+use std::io;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub mod linux;
 pub mod sim;
@@ -24,7 +26,58 @@ pub mod gntst {
     pub const BAD_GNTREF: i16 = -3;
     pub const PERMISSION_DENIED: i16 = -8;
     pub const BAD_PAGE: i16 = -9;
+
+    /// The `GNTST_*` name of a status, for messages.
+    pub fn name(status: i16) -> &'static str {
+        match status {
+            OKAY => "GNTST_okay",
+            GENERAL_ERROR => "GNTST_general_error",
+            BAD_DOMAIN => "GNTST_bad_domain",
+            BAD_GNTREF => "GNTST_bad_gntref",
+            PERMISSION_DENIED => "GNTST_permission_denied",
+            BAD_PAGE => "GNTST_bad_page",
+            _ => "GNTST_unknown",
+        }
+    }
 }
+
+/// Why a grant map failed when the platform knows it per ref (xensim does; Linux gntdev
+/// reports only an errno). Carried as the source of the [`Error`] that [`GrantAccess::map`]
+/// returns; [`GrantFailure::of`] gets it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantFailure {
+    pub gref: GrantRef,
+    /// A `gntst` code.
+    pub status: i16,
+}
+
+impl GrantFailure {
+    /// The error for this failure; `context` says what was being done (names the files).
+    pub fn into_error(self, context: &str) -> Error {
+        Error::io(context, io::Error::other(self))
+    }
+
+    /// The grant failure behind `err`, if it is one.
+    pub fn of(err: &Error) -> Option<GrantFailure> {
+        let source = std::error::Error::source(err)?;
+        let io_err = source.downcast_ref::<io::Error>()?;
+        io_err.get_ref()?.downcast_ref::<GrantFailure>().copied()
+    }
+}
+
+impl fmt::Display for GrantFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "grant ref {}: {} ({})",
+            self.gref,
+            gntst::name(self.status),
+            self.status
+        )
+    }
+}
+
+impl std::error::Error for GrantFailure {}
 
 /// Foreign pages mapped into this process, contiguous in ref order. Unmapped on drop.
 pub trait GrantMapping: Send {

@@ -3,6 +3,8 @@
 // Each integration test is its own crate and uses only some of these.
 #![allow(dead_code)]
 
+pub mod host;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -1,0 +1,986 @@
+//! One queue of a device: a thread that owns a ring, its event channel, an engine, a buffer
+//! pool and a worker. It blocks in exactly one place, `Engine::wait`, which also watches the
+//! event channel, the worker's results and the stop signal.
+//!
+//! A request goes: copied off the ring -> validated -> data pages resolved (grant copy into
+//! the pool, or persistent mappings) -> image extents resolved -> engine ops (or worker jobs)
+//! -> completions -> (reads in copy mode: grant copy back) -> (FUA/flush: worker flush) ->
+//! response -> push with the notify rule.
+
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::memory::{self, BufferPool, EventFd, IoMemory, PoolBuffer};
+use super::pgrants::{MappedPage, PersistentGrants};
+use super::worker::{Job, JobResult, Worker};
+use super::{QueueStats, Shared};
+use crate::blkif::ring::{ring_entries, BackRing};
+use crate::blkif::{
+    self, decode_indirect_segments, op, status, Protocol, Request, RequestBody, Response, Segment,
+    PAGE_SIZE, SECTOR_SIZE,
+};
+use crate::engine::{new_engine, Completion, Engine, Op};
+use crate::error::Result;
+use crate::image::file::DIRECT_ALIGN;
+use crate::image::{Layer, Mapping};
+use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
+
+const TOKEN_EVTCHN: u64 = u64::MAX;
+const TOKEN_STOP: u64 = u64::MAX - 1;
+const TOKEN_WORKER: u64 = u64::MAX - 2;
+
+/// Everything a queue thread starts from.
+pub(crate) struct QueueSetup {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    pub protocol: Protocol,
+    pub ring: Box<dyn GrantMapping>,
+    pub grants: Box<dyn GrantAccess>,
+    pub evtchn: Box<dyn EventChannel>,
+    pub persistent: bool,
+    pub stats: Arc<QueueStats>,
+    pub stop: Arc<EventFd>,
+}
+
+/// What happens once a request's data I/O is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Data I/O (or the flush/discard job itself) in flight.
+    Io,
+    /// A FUA write or barrier: data done, the flush job is in flight.
+    Flushing,
+}
+
+/// A request between the ring and its response.
+struct Slot {
+    id: u64,
+    response_op: u8,
+    status: i16,
+    /// Engine ops and worker jobs not yet completed.
+    pending: u32,
+    phase: Phase,
+    flush_after: bool,
+    /// A barrier or discard: no other request runs beside it.
+    exclusive: bool,
+    buffer: Option<PoolBuffer>,
+    /// Persistent pages this request uses, held until it completes.
+    pages: Vec<MappedPage>,
+    /// Reads in copy mode: pool -> guest, once the data is in.
+    copy_back: Vec<CopySegment>,
+}
+
+/// The guest side of one segment after resolution: memory and the disk bytes it covers.
+#[derive(Clone, Copy)]
+struct Piece {
+    memory: IoMemory,
+    disk_offset: u64,
+}
+
+pub(crate) struct QueueThread {
+    index: usize,
+    shared: Arc<Shared>,
+    ring: BackRing,
+    /// Keeps the ring mapped; dropped after everything else that could touch it.
+    _ring_mapping: Box<dyn GrantMapping>,
+    evtchn: Box<dyn EventChannel>,
+    // Drop order matters: the engine (which waits for its in-flight I/O) and the worker go
+    // before the memory their I/O touches (pool, persistent pages held by slots), and the
+    // grant handle goes last, after every mapping made through it.
+    engine: Box<dyn Engine>,
+    worker: Worker,
+    pool: BufferPool,
+    persistent: Option<PersistentGrants>,
+    stats: Arc<QueueStats>,
+    stop: Arc<EventFd>,
+    max_indirect_segments: usize,
+    sectors: u64,
+    read_only: bool,
+
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<usize>,
+    in_use: usize,
+    /// A request taken off the ring that must wait: for buffers, or for the queue to drain.
+    deferred: Option<Request>,
+    /// An exclusive request is running: take nothing new.
+    exclusive_running: bool,
+    stopping: bool,
+    responses_waiting: bool,
+
+    // Scratch space reused across requests (no allocation per request in steady state).
+    segments: Vec<Segment>,
+    pieces: Vec<Piece>,
+    copies: Vec<CopySegment>,
+    completions: Vec<Completion>,
+    job_results: Vec<JobResult>,
+    indirect_page: Vec<u8>,
+    grants: Box<dyn GrantAccess>,
+}
+
+/// The first failure status of a grant copy batch, if any.
+fn copy_failed(segments: &[CopySegment]) -> Option<(u32, i16)> {
+    segments
+        .iter()
+        .find(|s| s.status != gntst::OKAY)
+        .map(|s| (s.gref, s.status))
+}
+
+fn aligned(ptr: NonNull<u8>, len: usize, offset: u64) -> bool {
+    (ptr.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        && len.is_multiple_of(DIRECT_ALIGN)
+        && offset.is_multiple_of(DIRECT_ALIGN as u64)
+}
+
+impl QueueThread {
+    /// The thread body: set up, serve until stopped, tear down.
+    pub fn run(setup: QueueSetup) {
+        let shared = Arc::clone(&setup.shared);
+        let index = setup.index;
+        match QueueThread::new(setup) {
+            Ok(mut queue) => {
+                if let Err(err) = queue.serve() {
+                    queue.fail(format!("queue {index}: {err}"));
+                }
+                queue.drain();
+            }
+            Err(err) => {
+                shared
+                    .failure
+                    .lock()
+                    .get_or_insert(format!("queue {index}: setup failed: {err}"));
+            }
+        }
+    }
+
+    fn new(setup: QueueSetup) -> Result<QueueThread> {
+        let config = &setup.shared.config;
+        let pages = setup.ring.len() / PAGE_SIZE;
+        let ring_size = ring_entries(pages, setup.protocol) as usize;
+        // SAFETY: the mapping is `len()` bytes, writable, and outlives the BackRing: both
+        // live in this struct and the mapping field is declared after the ring.
+        let ring = unsafe { BackRing::new(setup.ring.as_ptr(), setup.ring.len(), setup.protocol) };
+        let max_indirect_segments = config.features.max_indirect_segments;
+        let largest_request =
+            blkif::MAX_SEGMENTS_PER_REQUEST.max(max_indirect_segments) * PAGE_SIZE;
+        let pool = BufferPool::new(config.pool_bytes.max(largest_request))?;
+        let depth = (ring_size * 2).clamp(64, 1024) as u32;
+        let mut engine = new_engine(config.engine, depth)?;
+        if config.register_buffers {
+            engine.register_buffers(&[pool.region()])?;
+        }
+        let worker = Worker::spawn(format!("ferrotap-w{}", setup.index))?;
+        let image = &setup.shared.image;
+        Ok(QueueThread {
+            index: setup.index,
+            sectors: image.virtual_size() / SECTOR_SIZE,
+            read_only: image.read_only(),
+            shared: Arc::clone(&setup.shared),
+            ring,
+            _ring_mapping: setup.ring,
+            grants: setup.grants,
+            evtchn: setup.evtchn,
+            engine,
+            worker,
+            pool,
+            persistent: setup
+                .persistent
+                .then(|| PersistentGrants::new(ring_size * blkif::MAX_SEGMENTS_PER_REQUEST)),
+            stats: setup.stats,
+            stop: setup.stop,
+            max_indirect_segments,
+            slots: Vec::with_capacity(ring_size),
+            free_slots: Vec::new(),
+            in_use: 0,
+            deferred: None,
+            exclusive_running: false,
+            stopping: false,
+            responses_waiting: false,
+            segments: Vec::with_capacity(
+                max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST),
+            ),
+            pieces: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
+            copies: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
+            completions: Vec::with_capacity(depth as usize),
+            job_results: Vec::new(),
+            indirect_page: vec![0; blkif::MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
+        })
+    }
+
+    fn fail(&mut self, message: String) {
+        self.shared.failure.lock().get_or_insert(message);
+        self.stopping = true;
+    }
+
+    fn serve(&mut self) -> Result<()> {
+        self.engine.watch_readable(self.evtchn.fd(), TOKEN_EVTCHN)?;
+        self.engine.watch_readable(self.stop.fd(), TOKEN_STOP)?;
+        self.engine
+            .watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
+        let poll_window = self.shared.config.poll_window;
+        loop {
+            if self.shared.stopping.load(Ordering::Acquire) {
+                self.stopping = true;
+            }
+            if !self.stopping {
+                if let Err(err) = self.take_requests() {
+                    self.fail(format!("queue {}: {err}", self.index));
+                }
+            }
+            self.push_responses();
+            if self.stopping {
+                return Ok(());
+            }
+            // Sleep only after the final check (it also sets req_event so the frontend
+            // notifies us), and only when we could take a request if one came.
+            let can_take = self.deferred.is_none() && !self.exclusive_running;
+            if can_take && self.ring.final_check_for_requests() {
+                continue;
+            }
+            let mut timeout = None;
+            if !poll_window.is_zero() {
+                if self.busy_poll(poll_window, can_take)? {
+                    continue;
+                }
+                timeout = None;
+            }
+            self.completions.clear();
+            let mut completions = std::mem::take(&mut self.completions);
+            self.engine.wait(1, timeout, &mut completions)?;
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            for completion in completions.drain(..) {
+                self.on_completion(completion)?;
+            }
+            self.completions = completions;
+        }
+    }
+
+    /// Spin for up to `window` looking for completions or requests; true when work came.
+    fn busy_poll(&mut self, window: Duration, can_take: bool) -> Result<bool> {
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline {
+            self.completions.clear();
+            let mut completions = std::mem::take(&mut self.completions);
+            self.engine
+                .wait(0, Some(Duration::ZERO), &mut completions)?;
+            let got = !completions.is_empty();
+            for completion in completions.drain(..) {
+                self.on_completion(completion)?;
+            }
+            self.completions = completions;
+            if got || (can_take && self.ring.final_check_for_requests()) {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        Ok(false)
+    }
+
+    /// After serving: finish everything in flight, answer it, and stop.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (self.in_use > 0 || self.engine.in_flight() > 0 || self.worker.pending() > 0)
+            && Instant::now() < deadline
+        {
+            self.completions.clear();
+            let mut completions = std::mem::take(&mut self.completions);
+            if self
+                .engine
+                .wait(1, Some(Duration::from_millis(100)), &mut completions)
+                .is_err()
+            {
+                break;
+            }
+            // Worker results may be waiting without a watch armed any more.
+            completions.push(Completion {
+                token: TOKEN_WORKER,
+                result: 0,
+            });
+            for completion in completions.drain(..) {
+                if self.on_completion(completion).is_err() {
+                    break;
+                }
+            }
+            self.completions = completions;
+            self.push_responses();
+        }
+        self.push_responses();
+    }
+
+    fn on_completion(&mut self, completion: Completion) -> Result<()> {
+        match completion.token {
+            TOKEN_EVTCHN => {
+                self.evtchn.drain()?;
+                if !self.stopping {
+                    self.engine.watch_readable(self.evtchn.fd(), TOKEN_EVTCHN)?;
+                }
+            }
+            TOKEN_STOP => {
+                self.stop.clear();
+                self.stopping = true;
+            }
+            TOKEN_WORKER => {
+                let mut results = std::mem::take(&mut self.job_results);
+                self.worker.collect(&mut results);
+                for result in results.drain(..) {
+                    let ok = match &result.result {
+                        Ok(()) => true,
+                        Err(err) => {
+                            eprintln!("ferrotap: queue {}: {err}", self.index);
+                            false
+                        }
+                    };
+                    self.op_done(result.token as usize, ok);
+                }
+                self.job_results = results;
+                if !self.stopping {
+                    self.engine
+                        .watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
+                }
+            }
+            token => {
+                let ok = completion.result >= 0;
+                if !ok {
+                    eprintln!(
+                        "ferrotap: queue {}: I/O failed: {}",
+                        self.index,
+                        std::io::Error::from_raw_os_error(-completion.result)
+                    );
+                }
+                self.op_done(token as usize, ok);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take requests off the ring while there is room for them.
+    fn take_requests(&mut self) -> std::result::Result<(), crate::blkif::ring::RingError> {
+        loop {
+            if self.exclusive_running {
+                return Ok(());
+            }
+            let request = match self.deferred.take() {
+                Some(request) => request,
+                None => match self.ring.next_request()? {
+                    Some(request) => request,
+                    None => return Ok(()),
+                },
+            };
+            if let Some(waiting) = self.start(request) {
+                self.deferred = Some(waiting);
+                return Ok(());
+            }
+        }
+    }
+
+    fn alloc_slot(&mut self, request: &Request, response_op: u8) -> usize {
+        let slot = Slot {
+            id: request.id,
+            response_op,
+            status: status::OKAY,
+            pending: 0,
+            phase: Phase::Io,
+            flush_after: false,
+            exclusive: false,
+            buffer: None,
+            pages: Vec::new(),
+            copy_back: Vec::new(),
+        };
+        self.in_use += 1;
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        match self.free_slots.pop() {
+            Some(index) => {
+                self.slots[index] = Some(slot);
+                index
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Answer at once, without a slot.
+    fn respond_now(&mut self, request: &Request, response_op: u8, status: i16) {
+        if status == status::ERROR {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        } else if status == status::EOPNOTSUPP {
+            self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ring.put_response(&Response {
+            id: request.id,
+            operation: response_op,
+            status,
+        });
+        self.responses_waiting = true;
+    }
+
+    /// Start a request. Returns it back when it must wait (buffers, or exclusivity).
+    fn start(&mut self, request: Request) -> Option<Request> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let features = &self.shared.config.features;
+        let (data_op, response_op) = match (request.operation, request.body) {
+            (
+                op::READ | op::WRITE | op::FLUSH_DISKCACHE | op::WRITE_BARRIER,
+                RequestBody::Direct { .. },
+            ) => (request.operation, request.operation),
+            (op::INDIRECT, RequestBody::Indirect { indirect_op, .. }) => {
+                // The response carries the inner operation: Linux blkfront stops on op 6.
+                (indirect_op, indirect_op)
+            }
+            (op::DISCARD, RequestBody::Discard { .. }) => (op::DISCARD, op::DISCARD),
+            (other, _) => {
+                self.respond_now(&request, other, status::EOPNOTSUPP);
+                return None;
+            }
+        };
+        let supported = match data_op {
+            op::WRITE_BARRIER => features.barrier,
+            op::FLUSH_DISKCACHE => features.flush,
+            op::DISCARD => features.discard,
+            _ => true,
+        };
+        if !supported {
+            self.respond_now(&request, response_op, status::EOPNOTSUPP);
+            return None;
+        }
+        let exclusive = matches!(data_op, op::WRITE_BARRIER | op::DISCARD);
+        if exclusive && self.in_use > 0 {
+            // Let everything before it finish first.
+            return Some(request);
+        }
+        match data_op {
+            op::DISCARD => {
+                self.start_discard(&request);
+                None
+            }
+            _ => self.start_data(&request, data_op, response_op, exclusive),
+        }
+    }
+
+    fn start_discard(&mut self, request: &Request) {
+        let RequestBody::Discard { flag, nr_sectors } = request.body else {
+            return;
+        };
+        if flag & blkif::DISCARD_SECURE != 0 && !self.shared.config.features.discard_secure {
+            self.respond_now(request, op::DISCARD, status::EOPNOTSUPP);
+            return;
+        }
+        if self.read_only || !self.in_disk(request.sector, nr_sectors) {
+            self.respond_now(request, op::DISCARD, status::ERROR);
+            return;
+        }
+        self.stats.discards.fetch_add(1, Ordering::Relaxed);
+        let slot = self.alloc_slot(request, op::DISCARD);
+        self.set_exclusive(slot);
+        let image = Arc::clone(&self.shared.image);
+        let (offset, len) = (request.sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE);
+        self.submit_job(slot, Box::new(move || image.discard(offset, len)));
+        self.finish_if_done(slot);
+    }
+
+    fn set_exclusive(&mut self, slot: usize) {
+        if let Some(s) = self.slots[slot].as_mut() {
+            s.exclusive = true;
+        }
+        self.exclusive_running = true;
+    }
+
+    fn in_disk(&self, sector: u64, count: u64) -> bool {
+        sector
+            .checked_add(count)
+            .is_some_and(|end| end <= self.sectors)
+    }
+
+    /// Gather the request's segments into `self.segments`; false when they are invalid or
+    /// their indirect pages cannot be read.
+    fn gather_segments(&mut self, request: &Request, data_op: u8) -> bool {
+        self.segments.clear();
+        match request.body {
+            RequestBody::Direct {
+                nr_segments,
+                segments,
+            } => {
+                let n = nr_segments as usize;
+                let flush_only =
+                    n == 0 && matches!(data_op, op::FLUSH_DISKCACHE | op::WRITE_BARRIER);
+                if (n == 0 && !flush_only) || n > blkif::MAX_SEGMENTS_PER_REQUEST {
+                    return false;
+                }
+                self.segments.extend_from_slice(&segments[..n]);
+            }
+            RequestBody::Indirect {
+                indirect_op,
+                nr_segments,
+                indirect_grefs,
+            } => {
+                let n = nr_segments as usize;
+                if !matches!(indirect_op, op::READ | op::WRITE)
+                    || n == 0
+                    || n > self.max_indirect_segments
+                {
+                    return false;
+                }
+                let pages = n.div_ceil(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                if pages > blkif::MAX_INDIRECT_PAGES_PER_REQUEST {
+                    return false;
+                }
+                self.copies.clear();
+                for (page, gref) in indirect_grefs.iter().take(pages).enumerate() {
+                    let in_page = (n - page * blkif::SEGMENTS_PER_INDIRECT_PAGE)
+                        .min(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                    let local = NonNull::from(&mut self.indirect_page[page * PAGE_SIZE]);
+                    self.copies.push(CopySegment {
+                        gref: *gref,
+                        offset: 0,
+                        len: (in_page * 8) as u16,
+                        local,
+                        status: gntst::OKAY,
+                    });
+                }
+                // SAFETY: every local pointer is inside `indirect_page` (8 pages), each
+                // segment at most one page, and nothing else touches it during the call.
+                let copied =
+                    unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
+                if copied.is_err() || copy_failed(&self.copies).is_some() {
+                    return false;
+                }
+                self.segments.resize(n, Segment::default());
+                for page in 0..pages {
+                    let first = page * blkif::SEGMENTS_PER_INDIRECT_PAGE;
+                    let count = (n - first).min(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                    decode_indirect_segments(
+                        &self.indirect_page[page * PAGE_SIZE..(page + 1) * PAGE_SIZE],
+                        &mut self.segments[first..first + count],
+                    );
+                }
+            }
+            RequestBody::Discard { .. } => return false,
+        }
+        self.segments
+            .iter()
+            .all(|s| s.first_sect <= s.last_sect && s.last_sect < blkif::SECTORS_PER_PAGE)
+    }
+
+    fn start_data(
+        &mut self,
+        request: &Request,
+        data_op: u8,
+        response_op: u8,
+        exclusive: bool,
+    ) -> Option<Request> {
+        if !self.gather_segments(request, data_op) {
+            self.respond_now(request, response_op, status::ERROR);
+            return None;
+        }
+        let total_sectors: u64 = self
+            .segments
+            .iter()
+            .map(|s| u64::from(s.last_sect - s.first_sect) + 1)
+            .sum();
+        let is_read = data_op == op::READ;
+        if !self.in_disk(request.sector, total_sectors)
+            || (!is_read && total_sectors > 0 && self.read_only)
+        {
+            self.respond_now(request, response_op, status::ERROR);
+            return None;
+        }
+        let bytes = (total_sectors * SECTOR_SIZE) as usize;
+        // Buffers first: without them the request waits, untouched.
+        let buffer = if self.persistent.is_none() && bytes > 0 {
+            match self.pool.alloc(bytes) {
+                Some(buffer) => Some(buffer),
+                None => return Some(*request),
+            }
+        } else {
+            None
+        };
+        match data_op {
+            op::READ => {
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            op::WRITE => {
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            _ => {
+                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+        }
+        let slot = self.alloc_slot(request, response_op);
+        if exclusive {
+            self.set_exclusive(slot);
+        }
+        if matches!(data_op, op::FLUSH_DISKCACHE | op::WRITE_BARRIER) {
+            if let Some(s) = self.slots[slot].as_mut() {
+                s.flush_after = true;
+            }
+        }
+        if bytes > 0 && !self.resolve_memory(slot, request.sector, buffer, is_read) {
+            self.set_status(slot, status::ERROR);
+        }
+        if self.slot_ok(slot) {
+            self.pieces_to_io(slot, is_read);
+        }
+        self.finish_if_done(slot);
+        None
+    }
+
+    fn slot_ok(&self, slot: usize) -> bool {
+        self.slots[slot]
+            .as_ref()
+            .is_some_and(|s| s.status == status::OKAY)
+    }
+
+    fn set_status(&mut self, slot: usize, st: i16) {
+        if let Some(s) = self.slots[slot].as_mut() {
+            if s.status == status::OKAY {
+                s.status = st;
+            }
+        }
+    }
+
+    /// Turn `self.segments` into `self.pieces`: where each segment's bytes live locally.
+    /// Copy mode: one piece over the pool buffer (a write's data is copied in now).
+    /// Persistent mode: one piece per segment, on the mapped guest page.
+    fn resolve_memory(
+        &mut self,
+        slot: usize,
+        sector: u64,
+        buffer: Option<PoolBuffer>,
+        is_read: bool,
+    ) -> bool {
+        self.pieces.clear();
+        let disk_start = sector * SECTOR_SIZE;
+        if let Some(buffer) = buffer {
+            let whole = IoMemory {
+                ptr: buffer.ptr(),
+                len: self
+                    .segments
+                    .iter()
+                    .map(|s| (usize::from(s.last_sect - s.first_sect) + 1) * SECTOR_SIZE as usize)
+                    .sum(),
+            };
+            self.copies.clear();
+            let mut at = 0usize;
+            for seg in &self.segments {
+                let len = (usize::from(seg.last_sect - seg.first_sect) + 1) * SECTOR_SIZE as usize;
+                self.copies.push(CopySegment {
+                    gref: seg.gref,
+                    offset: u16::from(seg.first_sect) * SECTOR_SIZE as u16,
+                    len: len as u16,
+                    // SAFETY: `at + len` <= the summed length, which the buffer holds.
+                    local: unsafe { buffer.ptr().add(at) },
+                    status: gntst::OKAY,
+                });
+                at += len;
+            }
+            self.pieces.push(Piece {
+                memory: whole,
+                disk_offset: disk_start,
+            });
+            let s = self.slots[slot].as_mut();
+            let Some(s) = s else { return false };
+            s.buffer = Some(buffer);
+            if is_read {
+                s.copy_back.extend_from_slice(&self.copies);
+                return true;
+            }
+            // SAFETY: every local pointer lies inside this request's pool buffer, which the
+            // slot owns and nothing else touches until the request completes.
+            let copied = unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
+            return copied.is_ok() && copy_failed(&self.copies).is_none();
+        }
+        let Some(persistent) = self.persistent.as_mut() else {
+            return false;
+        };
+        self.stats
+            .persistent_grants
+            .store(persistent.len() as u64, Ordering::Relaxed);
+        let mut disk = disk_start;
+        for seg in &self.segments {
+            let page = match persistent.get(self.grants.as_mut(), seg.gref, is_read) {
+                Ok(page) => page,
+                Err(_) => return false,
+            };
+            let offset = usize::from(seg.first_sect) * SECTOR_SIZE as usize;
+            let len = (usize::from(seg.last_sect - seg.first_sect) + 1) * SECTOR_SIZE as usize;
+            // SAFETY: first_sect <= last_sect < 8, so offset + len <= 4096 = the mapping.
+            let ptr = unsafe { page.as_ptr().add(offset) };
+            self.pieces.push(Piece {
+                memory: IoMemory { ptr, len },
+                disk_offset: disk,
+            });
+            disk += len as u64;
+            if let Some(s) = self.slots[slot].as_mut() {
+                s.pages.push(page);
+            }
+        }
+        true
+    }
+
+    /// Issue the I/O of every piece.
+    fn pieces_to_io(&mut self, slot: usize, is_read: bool) {
+        let pieces = std::mem::take(&mut self.pieces);
+        for piece in &pieces {
+            let result = if is_read {
+                self.read_piece(slot, 0, piece.disk_offset, piece.memory)
+            } else {
+                self.write_piece(slot, piece.disk_offset, piece.memory)
+            };
+            if let Err(err) = result {
+                eprintln!("ferrotap: queue {}: {err}", self.index);
+                self.set_status(slot, status::ERROR);
+                break;
+            }
+        }
+        self.pieces = pieces;
+    }
+
+    /// Read guest bytes `[pos, pos + memory.len)` as layer `depth` and those below see them.
+    fn read_piece(&mut self, slot: usize, depth: usize, pos: u64, memory: IoMemory) -> Result<()> {
+        let image = Arc::clone(&self.shared.image);
+        let layers = image.layers();
+        let Some(layer) = layers.get(depth) else {
+            // SAFETY: the slot owns `memory` and no I/O into it is in flight for this range.
+            unsafe { memory::zero(memory.ptr, memory.len) };
+            return Ok(());
+        };
+        let size = layer.virtual_size();
+        let mut done = 0usize;
+        while done < memory.len {
+            let at = pos + done as u64;
+            // SAFETY: done < memory.len, the rest of the request's memory.
+            let rest = unsafe { memory.slice(done, memory.len - done) };
+            if at >= size {
+                // Past a smaller parent's end: zeros.
+                // SAFETY: as above.
+                unsafe { memory::zero(rest.ptr, rest.len) };
+                return Ok(());
+            }
+            let want = (rest.len as u64).min(size - at);
+            let extent = layer.map(at, want)?;
+            let n = extent.len.min(want) as usize;
+            // SAFETY: n <= rest.len.
+            let part = unsafe { rest.slice(0, n) };
+            match extent.mapping {
+                Mapping::Data { file_offset, .. } => {
+                    self.read_data(slot, layer, file_offset, part)?;
+                }
+                // SAFETY: the slot owns the memory; nothing else writes this range.
+                Mapping::Zero => unsafe { memory::zero(part.ptr, part.len) },
+                Mapping::Parent => self.read_piece(slot, depth + 1, at, part)?,
+                Mapping::Encoded => {
+                    let layer = Arc::clone(layer);
+                    self.submit_job(
+                        slot,
+                        Box::new(move || {
+                            // SAFETY: the slot keeps `part` alive and untouched until this
+                            // job's result is collected.
+                            let buf = unsafe { part.as_mut_slice() };
+                            layer.read_encoded(at, buf)
+                        }),
+                    );
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_data(
+        &mut self,
+        slot: usize,
+        layer: &Arc<dyn Layer>,
+        file_offset: u64,
+        part: IoMemory,
+    ) -> Result<()> {
+        let file = layer.file();
+        if !file.is_direct() || aligned(part.ptr, part.len, file_offset) {
+            let op = Op::Read {
+                fd: file.raw_fd(),
+                offset: file_offset,
+                buf: part.ptr.as_ptr(),
+                len: part.len as u32,
+            };
+            self.push_op(slot, op);
+        } else {
+            let layer = Arc::clone(layer);
+            self.submit_job(
+                slot,
+                Box::new(move || {
+                    // SAFETY: the slot keeps `part` alive and untouched until collected.
+                    let buf = unsafe { part.as_mut_slice() };
+                    layer.file().read_at(buf, file_offset)
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn write_piece(&mut self, slot: usize, pos: u64, memory: IoMemory) -> Result<()> {
+        let image = Arc::clone(&self.shared.image);
+        let top = image.top();
+        let mut done = 0usize;
+        while done < memory.len {
+            let at = pos + done as u64;
+            let want = (memory.len - done) as u64;
+            let extent = top.map(at, want)?;
+            let n = extent.len.min(want) as usize;
+            // SAFETY: done + n <= memory.len.
+            let part = unsafe { memory.slice(done, n) };
+            match extent.mapping {
+                Mapping::Data {
+                    file_offset,
+                    shared: false,
+                } if !top.file().is_direct() || aligned(part.ptr, n, file_offset) => {
+                    let op = Op::Write {
+                        fd: top.file().raw_fd(),
+                        offset: file_offset,
+                        buf: part.ptr.as_ptr(),
+                        len: n as u32,
+                    };
+                    self.push_op(slot, op);
+                }
+                _ => {
+                    // Allocation, copy-on-write or an unaligned piece: the chain's own
+                    // write path, on the worker.
+                    let image = Arc::clone(&image);
+                    self.submit_job(
+                        slot,
+                        Box::new(move || {
+                            // SAFETY: the slot keeps `part` alive and unchanged until this
+                            // job's result is collected.
+                            let data = unsafe { part.as_slice() };
+                            image.write_at(data, at)
+                        }),
+                    );
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn push_op(&mut self, slot: usize, op: Op) {
+        // SAFETY: the op's buffer is a pool buffer or a mapped guest page that the slot owns
+        // (`buffer` / `pages`) until `pending` drops to zero, which happens only when this
+        // op's completion has been returned by the engine.
+        match unsafe { self.engine.push(slot as u64, op) } {
+            Ok(()) => {
+                if let Some(s) = self.slots[slot].as_mut() {
+                    s.pending += 1;
+                }
+            }
+            Err(err) => {
+                eprintln!("ferrotap: queue {}: {err}", self.index);
+                self.set_status(slot, status::ERROR);
+            }
+        }
+    }
+
+    fn submit_job(&mut self, slot: usize, job: Job) {
+        match self.worker.submit(slot as u64, job) {
+            Ok(()) => {
+                if let Some(s) = self.slots[slot].as_mut() {
+                    s.pending += 1;
+                }
+            }
+            Err(err) => {
+                eprintln!("ferrotap: queue {}: {err}", self.index);
+                self.set_status(slot, status::ERROR);
+            }
+        }
+    }
+
+    /// One engine op or worker job of `slot` finished.
+    fn op_done(&mut self, slot: usize, ok: bool) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        s.pending = s.pending.saturating_sub(1);
+        if !ok && s.status == status::OKAY {
+            s.status = status::ERROR;
+        }
+        self.finish_if_done(slot);
+    }
+
+    /// Move a request on once nothing of it is in flight.
+    fn finish_if_done(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.pending > 0 {
+            return;
+        }
+        if s.phase == Phase::Io && s.status == status::OKAY && !s.copy_back.is_empty() {
+            let mut copies = std::mem::take(&mut s.copy_back);
+            // SAFETY: the local pointers lie inside this slot's pool buffer, whose reads
+            // have all completed (pending == 0); nothing else touches it.
+            let copied = unsafe { self.grants.copy(CopyDirection::ToGuest, &mut copies) };
+            if copied.is_err() || copy_failed(&copies).is_some() {
+                self.set_status(slot, status::ERROR);
+            }
+        }
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.phase == Phase::Io && s.flush_after && s.status == status::OKAY {
+            s.phase = Phase::Flushing;
+            let image = Arc::clone(&self.shared.image);
+            self.submit_job(slot, Box::new(move || image.flush()));
+            let pending = self.slots[slot].as_ref().map_or(0, |s| s.pending);
+            if pending > 0 {
+                return;
+            }
+        }
+        self.complete(slot);
+    }
+
+    fn complete(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.in_use -= 1;
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if s.exclusive {
+            self.exclusive_running = false;
+        }
+        if let Some(buffer) = s.buffer {
+            self.pool.free(buffer);
+        }
+        if s.status != status::OKAY {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ring.put_response(&Response {
+            id: s.id,
+            operation: s.response_op,
+            status: s.status,
+        });
+        self.responses_waiting = true;
+    }
+
+    fn push_responses(&mut self) {
+        if !self.responses_waiting {
+            return;
+        }
+        self.responses_waiting = false;
+        if self.ring.push_responses() {
+            self.stats
+                .notifications_sent
+                .fetch_add(1, Ordering::Relaxed);
+            if let Err(err) = self.evtchn.notify() {
+                eprintln!("ferrotap: queue {}: notify: {err}", self.index);
+            }
+        }
+    }
+}
