@@ -373,13 +373,13 @@ impl Queue {
         // Every bit of the id is meaningful, so a backend that truncates it is caught.
         let id = (index as u64) << 56 | (seq & 0xff_ffff_ffff) << 16 | slot as u64;
         let request = self.build_request(slot, io, id)?;
-        if self.ring.0.free_requests() == 0 {
-            return Err(Error::invalid(format!("queue {index}: ring full")));
-        }
         let state = &mut self.slots[slot];
         state.state = SlotState::InFlight;
         state.started = Instant::now();
-        self.ring.0.put_request(&request);
+        if !self.ring.0.put_request(&request) {
+            // Slots never outnumber ring entries, so only untracked requests can fill it.
+            return Err(Error::invalid(format!("queue {index}: ring full")));
+        }
         self.in_flight += 1;
         Ok(id)
     }
@@ -588,10 +588,9 @@ impl Queue {
 
     /// Put any request on the ring, untracked (hostile tests); publish with [`Self::push`].
     pub fn put_raw(&mut self, request: &Request) -> Result<()> {
-        if self.ring.0.free_requests() == 0 {
+        if !self.ring.0.put_request(request) {
             return Err(Error::invalid(format!("queue {}: ring full", self.index)));
         }
-        self.ring.0.put_request(request);
         Ok(())
     }
 

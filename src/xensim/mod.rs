@@ -78,7 +78,8 @@ pub struct BlkfrontArgs {
     #[arg(long)]
     pub json: bool,
     /// After verify: write what the model knows of the disk to FILE (a sparse raw file of
-    /// the region) and the sector runs it covers to FILE.known (JSON [[sector, count], ...]).
+    /// the region) and the sector runs it covers to FILE with the extension .known (JSON
+    /// [[sector, count], ...]).
     #[arg(long, value_name = "FILE")]
     pub model_out: Option<PathBuf>,
 }

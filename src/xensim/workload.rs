@@ -219,7 +219,7 @@ impl Model {
     }
 
     /// Write the known contents to `path` (a sparse raw file of the region's size) and the
-    /// runs they cover to `path.known` (JSON `[[sector, count], ...]`).
+    /// runs they cover to `path` with the extension `known` (JSON `[[sector, count], ...]`).
     pub fn dump(&self, path: &Path) -> Result<()> {
         let file = File::create(path).map_err(|err| Error::io("create", err).with_path(path))?;
         file.set_len(self.sectors() * SECTOR_SIZE)
@@ -238,9 +238,7 @@ impl Model {
                     .map_err(|err| Error::io("write", err).with_path(path))?;
             }
         }
-        let mut known_path = path.as_os_str().to_owned();
-        known_path.push(".known");
-        let known_path = Path::new(&known_path);
+        let known_path = &path.with_extension("known");
         let mut known = File::create(known_path)
             .map_err(|err| Error::io("create", err).with_path(known_path))?;
         let json = serde_json::to_string(&runs)
