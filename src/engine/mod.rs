@@ -77,8 +77,13 @@ pub trait Engine {
         out: &mut Vec<Completion>,
     ) -> Result<()>;
 
-    /// Operations pushed and not yet completed (watches excluded).
+    /// Operations pushed whose completion `wait` has not returned yet (watches excluded).
     fn in_flight(&self) -> usize;
+
+    /// Before blocking, `wait` spins this long watching for completions without system
+    /// calls (tapdisk's polling-duration): lower latency for one busy core. Engines that
+    /// cannot poll without system calls ignore it.
+    fn set_busy_poll(&mut self, _window: Duration) {}
 }
 
 /// Make an engine of `kind` with room for `depth` operations in flight.
