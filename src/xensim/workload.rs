@@ -988,6 +988,7 @@ pub fn run(front: &mut Blkfront, config: &WorkloadConfig) -> Result<Outcome> {
         p50_us: total.latency.quantile(0.50) / 1000.0,
         p99_us: total.latency.quantile(0.99) / 1000.0,
     };
+    drop(drivers);
     let model = match shared_model {
         Some(shared) => Some(
             Arc::try_unwrap(shared)
