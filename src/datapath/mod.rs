@@ -136,6 +136,12 @@ pub(crate) struct Shared {
     pub image: Arc<Image>,
     pub config: DeviceConfig,
     pub stopping: AtomicBool,
+    /// Write requests mapped and not yet answered, over every queue.
+    pub writes_in_flight: AtomicU64,
+    /// Discards waiting for those writes to drain, or running. While non-zero no queue
+    /// starts a write: a discard may free a qcow2 cluster that a write mapped before it,
+    /// and the cluster may then be reused (even for metadata) before that write lands.
+    pub discards_waiting: AtomicU64,
     /// The first fatal error a queue met (a frontend that broke the ring rules).
     pub failure: Mutex<Option<String>>,
 }
@@ -251,6 +257,8 @@ impl Device {
             image: Arc::clone(&self.image),
             config: self.config.clone(),
             stopping: AtomicBool::new(false),
+            writes_in_flight: AtomicU64::new(0),
+            discards_waiting: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
         // Map and bind every queue before starting any thread, so a bad ref or port fails
