@@ -127,7 +127,7 @@ const LAYOUT_X86_32: Layout = Layout {
 };
 
 /// The largest entry of either protocol: local copies of an entry use this much stack.
-const MAX_ENTRY_SIZE: usize = 112;
+pub(crate) const MAX_ENTRY_SIZE: usize = 112;
 /// Bytes of `blkif_response` as ferrotap writes it (id, operation, pad, status, 4 pad).
 const RESPONSE_SIZE: usize = 16;
 /// Bytes of one `blkif_request_segment`.
