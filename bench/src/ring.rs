@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferrotap::image::Format;
+use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 use serde::Deserialize;
 
 use crate::pattern::Workload;
@@ -305,9 +306,7 @@ impl Serve {
             .stdout(Stdio::null())
             .stderr(log);
         let shown = format!("ferrotap serve {}", variant.serve_args().join(" "));
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {shown}: {e}"))?;
+        let child = cmd.spawn().map_err(|e| format!("starting {shown}: {e}"))?;
         let mut serve = Serve { child, host };
         let started = Instant::now();
         loop {
@@ -478,12 +477,18 @@ fn measure_ferrotap(
 /// fio's configuration for the same point: one job per queue at the same depth; random
 /// patterns roam the whole image like the blkfront's queues, sequential jobs each own a
 /// slice like its queues do.
-fn fio_config(plan: &RingPlan, backing: &Backing, workload: RingWorkload, queues: u32) -> PointConfig {
+fn fio_config(
+    plan: &RingPlan,
+    backing: &Backing,
+    workload: RingWorkload,
+    queues: u32,
+) -> PointConfig {
     let jobs = u64::from(queues);
     let (slice, stride) = if workload.pattern.is_random() {
         (plan.size, 0)
     } else {
-        let slice = plan.size / jobs / workload.pattern.block_size() * workload.pattern.block_size();
+        let slice =
+            plan.size / jobs / workload.pattern.block_size() * workload.pattern.block_size();
         (slice, slice)
     };
     PointConfig {
@@ -503,10 +508,20 @@ fn fio_config(plan: &RingPlan, backing: &Backing, workload: RingWorkload, queues
 
 /// Serve with no frontend, then with a frontend connected and sending nothing: its CPU
 /// over `plan.idle_ms` and its peak RSS.
-fn measure_idle(plan: &RingPlan, image: &Path, variant: &Variant, connected: bool) -> Result<Measured> {
+fn measure_idle(
+    plan: &RingPlan,
+    image: &Path,
+    variant: &Variant,
+    connected: bool,
+) -> Result<Measured> {
     let serve = Serve::start(plan, image, Format::Raw, variant)?;
-    let front: Option<()> = if connected {
-        return Err("TEMP: xensim blkfront not landed".into());
+    let front = if connected {
+        let config = FrontConfig {
+            persistent: variant.persistent,
+            iodepth: 32,
+            ..FrontConfig::new(serve.host.0.clone(), serve.host.control())
+        };
+        Some(Blkfront::connect(&config).map_err(|e| format!("connecting a blkfront: {e}"))?)
     } else {
         None
     };
@@ -518,7 +533,11 @@ fn measure_idle(plan: &RingPlan, image: &Path, variant: &Variant, connected: boo
     let cpu_ns = process_cpu_ns(serve.pid())? - cpu_before;
     let elapsed = watched.elapsed();
     let peak_kib = peak_rss_kib(serve.pid()).ok_or("serve's /proc/PID/status is gone")?;
-    drop(front);
+    if let Some(mut front) = front {
+        front
+            .disconnect()
+            .map_err(|e| format!("disconnecting the blkfront: {e}"))?;
+    }
     serve.close()?;
     Ok(Measured {
         iops: 0.0,
@@ -580,20 +599,31 @@ pub fn run(args: &RingArgs) -> Result<()> {
     }
     let (formats, workloads, queue_counts, variants): (&[Format], &[RingWorkload], &[u32], _) =
         if args.options {
-            (&[Format::Raw], &OPTIONS_WORKLOADS, &[1], Variant::options_grid())
+            (
+                &[Format::Raw],
+                &OPTIONS_WORKLOADS,
+                &[1],
+                Variant::options_grid(),
+            )
         } else if args.quick {
             (
                 &[Format::Raw, Format::Qcow2],
                 &QUICK_WORKLOADS,
                 &[1],
-                vec![Variant::default_settings(!args.front_copy, args.serve_args.clone())],
+                vec![Variant::default_settings(
+                    !args.front_copy,
+                    args.serve_args.clone(),
+                )],
             )
         } else {
             (
                 &crate::suite::FORMATS,
                 &FULL_WORKLOADS,
                 &[1, 2],
-                vec![Variant::default_settings(!args.front_copy, args.serve_args.clone())],
+                vec![Variant::default_settings(
+                    !args.front_copy,
+                    args.serve_args.clone(),
+                )],
             )
         };
     let out = args.out.clone().unwrap_or_else(|| {
@@ -630,11 +660,19 @@ pub fn run(args: &RingArgs) -> Result<()> {
     });
     let points: Vec<Point> = workloads
         .iter()
-        .flat_map(|&workload| queue_counts.iter().map(move |&queues| Point { workload, queues }))
+        .flat_map(|&workload| {
+            queue_counts
+                .iter()
+                .map(move |&queues| Point { workload, queues })
+        })
         .collect();
     let mut systems = vec![System::Fio];
     for variant in &variants {
-        systems.extend(formats.iter().map(|&f| System::Ferrotap(f, variant.clone())));
+        systems.extend(
+            formats
+                .iter()
+                .map(|&f| System::Ferrotap(f, variant.clone())),
+        );
     }
     for dir in &dirs {
         let backing = Backing::probe(dir)?;
@@ -807,7 +845,15 @@ fn run_idle(plan: &RingPlan, backing: &Backing, args: &RingArgs, report: &mut Ri
                     "   {:<20} {workload:<16} CPU {:.2}% RSS {:.1} MiB",
                     variant.label, m.cpu_pct, m.rss_mib
                 );
-                report.add(&variant.label, workload.into(), None, Format::Raw, backing, 1, &[m]);
+                report.add(
+                    &variant.label,
+                    workload.into(),
+                    None,
+                    Format::Raw,
+                    backing,
+                    1,
+                    &[m],
+                );
             }
             Err(reason) => report.skip(RingSkip {
                 system: variant.label.clone(),
@@ -849,6 +895,9 @@ mod tests {
         assert!(fixed.serve_args().contains(&"--fixed-buffers".to_string()));
         let default = Variant::default_settings(true, vec!["--pool-kib".into(), "1024".into()]);
         assert_eq!(default.serve_args(), ["--pool-kib", "1024"]);
-        assert_eq!(RingWorkload::new(Workload::SeqRead, 8).name(), "read-1m-qd8");
+        assert_eq!(
+            RingWorkload::new(Workload::SeqRead, 8).name(),
+            "read-1m-qd8"
+        );
     }
 }

@@ -156,7 +156,11 @@ impl RingReport {
         rounds: &[Measured],
     ) {
         let mut by_iops: Vec<&Measured> = rounds.iter().collect();
-        by_iops.sort_by(|a, b| a.iops.total_cmp(&b.iops).then(a.cpu_pct.total_cmp(&b.cpu_pct)));
+        by_iops.sort_by(|a, b| {
+            a.iops
+                .total_cmp(&b.iops)
+                .then(a.cpu_pct.total_cmp(&b.cpu_pct))
+        });
         let Some(m) = by_iops.get(by_iops.len().saturating_sub(1) / 2) else {
             return;
         };
@@ -217,18 +221,37 @@ impl RingReport {
                         row: row.describe(),
                         value,
                         limit,
-                        pass: if at_least { value >= limit } else { value <= limit },
+                        pass: if at_least {
+                            value >= limit
+                        } else {
+                            value <= limit
+                        },
                     });
                 }
             };
             if row.is_idle() {
-                check("idle CPU% ~0", Some(row.measured.cpu_pct), IDLE_CPU_LIMIT_PCT, false);
-                check("idle RSS MiB", Some(row.measured.rss_mib), IDLE_RSS_MIB, false);
+                check(
+                    "idle CPU% ~0",
+                    Some(row.measured.cpu_pct),
+                    IDLE_CPU_LIMIT_PCT,
+                    false,
+                );
+                check(
+                    "idle RSS MiB",
+                    Some(row.measured.rss_mib),
+                    IDLE_RSS_MIB,
+                    false,
+                );
                 continue;
             }
             if row.workload == "randread-4k-qd32" {
                 if row.format == Format::Raw.name() {
-                    check("raw randread QD32 IOPS vs fio", row.iops_vs_fio, RAW_QD32_TARGET, true);
+                    check(
+                        "raw randread QD32 IOPS vs fio",
+                        row.iops_vs_fio,
+                        RAW_QD32_TARGET,
+                        true,
+                    );
                 } else {
                     check(
                         "vhd/qcow2 randread QD32 IOPS vs fio",
@@ -242,7 +265,12 @@ impl RingReport {
                 check("p99 at QD1 vs fio", row.p99_vs_fio, QD1_P99_TARGET, false);
             }
             if row.system == "ferrotap" {
-                check("RSS MiB under load", Some(row.measured.rss_mib), LOAD_RSS_MIB, false);
+                check(
+                    "RSS MiB under load",
+                    Some(row.measured.rss_mib),
+                    LOAD_RSS_MIB,
+                    false,
+                );
             }
         }
         self.targets = targets;
