@@ -162,11 +162,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let _ = std::fs::remove_file(&args.control);
     let listener = UnixListener::bind(&args.control)
         .map_err(|e| Error::io("bind control socket", e).with_path(&args.control))?;
+    let (sectors, engine) = {
+        let device = device.lock();
+        (device.sectors(), device.config().engine)
+    };
     eprintln!(
-        "ferrotap serve: {} ({} sectors, engine {:?}) on {}",
+        "ferrotap serve: {} ({sectors} sectors, engine {engine:?}) on {}",
         args.image.display(),
-        device.lock().sectors(),
-        device.lock().config().engine,
         args.control.display()
     );
     let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -6,7 +6,7 @@
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
-use super::{Protocol, Request, Response, PAGE_SIZE};
+use super::{Protocol, Request, Response, MAX_ENTRY_SIZE, PAGE_SIZE};
 
 /// Bytes before the first entry.
 pub const RING_HEADER_SIZE: usize = 64;
@@ -14,7 +14,9 @@ pub const RING_HEADER_SIZE: usize = 64;
 /// The frontend broke the ring's rules; the backend stops serving this ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
-    /// `req_prod` runs more than the ring size ahead of the responses produced.
+    /// `req_prod` runs more than the ring size ahead of the responses produced, or moved
+    /// back behind requests already consumed (then `ahead` is its wrapped distance from the
+    /// consumer, more than the ring holds).
     #[error("frontend req_prod {req_prod} is {ahead} entries ahead of the responses (ring holds {size})")]
     Overflow {
         req_prod: u32,
@@ -31,8 +33,6 @@ const RSP_EVENT: usize = 12;
 
 /// Bytes of a response as it lands in an entry.
 const RESPONSE_BYTES: usize = 16;
-/// Room for a copy of the largest entry.
-const MAX_ENTRY_SIZE: usize = 112;
 
 /// Entries in a ring of `pages` pages for `protocol` (`__RING_SIZE`: rounded down to a power of two).
 pub fn ring_entries(pages: usize, protocol: Protocol) -> u32 {

@@ -136,6 +136,12 @@ pub(crate) struct Shared {
     pub image: Arc<Image>,
     pub config: DeviceConfig,
     pub stopping: AtomicBool,
+    /// Write requests mapped and not yet answered, over every queue.
+    pub writes_in_flight: AtomicU64,
+    /// Discards waiting for those writes to drain, or running. While non-zero no queue
+    /// starts a write: a discard may free a qcow2 cluster that a write mapped before it,
+    /// and the cluster may then be reused (even for metadata) before that write lands.
+    pub discards_waiting: AtomicU64,
     /// The first fatal error a queue met (a frontend that broke the ring rules).
     pub failure: Mutex<Option<String>>,
 }
@@ -237,20 +243,22 @@ impl Device {
         let persistent = params.persistent && features.persistent;
         let ring_size = ring_entries(pages, params.protocol) as usize;
         let max_segments = blkif::MAX_SEGMENTS_PER_REQUEST.max(features.max_indirect_segments);
-        // Ring pages, persistent pages (blkif.h's bound, kept per queue) and indirect pages.
-        let max_grants = (pages
-            + if persistent {
-                ring_size * blkif::MAX_SEGMENTS_PER_REQUEST
-            } else {
-                0
-            }
-            + blkif::MAX_INDIRECT_PAGES_PER_REQUEST
-            + max_segments) as u32;
+        // Ring pages, the persistent pages kept (blkif.h's bound, per queue), and the pages
+        // of every request that can be in flight at once (beyond the kept ones, a request's
+        // pages are mapped for it alone).
+        let kept = if persistent {
+            ring_size * blkif::MAX_SEGMENTS_PER_REQUEST
+        } else {
+            0
+        };
+        let max_grants = (pages + kept + ring_size * max_segments) as u32;
 
         let shared = Arc::new(Shared {
             image: Arc::clone(&self.image),
             config: self.config.clone(),
             stopping: AtomicBool::new(false),
+            writes_in_flight: AtomicU64::new(0),
+            discards_waiting: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
         // Map and bind every queue before starting any thread, so a bad ref or port fails
