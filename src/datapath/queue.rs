@@ -434,6 +434,10 @@ impl QueueThread {
             ) => (request.operation, request.operation),
             (op::INDIRECT, RequestBody::Indirect { indirect_op, .. }) => {
                 // The response carries the inner operation: Linux blkfront stops on op 6.
+                if !matches!(indirect_op, op::READ | op::WRITE) {
+                    self.respond_now(&request, indirect_op, status::ERROR);
+                    return None;
+                }
                 (indirect_op, indirect_op)
             }
             (op::DISCARD, RequestBody::Discard { .. }) => (op::DISCARD, op::DISCARD),
@@ -468,6 +472,7 @@ impl QueueThread {
 
     fn start_discard(&mut self, request: &Request) {
         let RequestBody::Discard { flag, nr_sectors } = request.body else {
+            self.respond_now(request, op::DISCARD, status::ERROR);
             return;
         };
         if flag & blkif::DISCARD_SECURE != 0 && !self.shared.config.features.discard_secure {
