@@ -417,6 +417,17 @@ fn run_front(
     model: &mut Model,
     run: &Run,
 ) -> BTreeMap<String, u64> {
+    run_front_output(blkfront, dir, serve, model, run).0
+}
+
+/// As [`run_front`], with the frontend's whole output.
+fn run_front_output(
+    blkfront: &Path,
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    run: &Run,
+) -> (BTreeMap<String, u64>, String) {
     let model_out = dir.join(format!("model.{}", run.domid));
     let mut command = Command::new(blkfront);
     command
@@ -445,7 +456,7 @@ fn run_front(
     assert_eq!(by_kind, run.ops, "{summary_line}");
     model.merge(&model_out);
     fs::remove_file(&model_out).unwrap();
-    summary
+    (summary, stdout)
 }
 
 /// A busy workload: every kind of request shows up, and reads verified real data.
@@ -956,6 +967,48 @@ fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
         },
     );
     assert_mixed(&summary, true);
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
+}
+
+#[test]
+fn ring_overflow_is_reported_and_the_next_guest_is_served() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 8);
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    for (domid, protocol) in [(1, "x86_64-abi"), (2, "x86_32-abi")] {
+        // A short verified workload, then req_prod a ring and one ahead of the responses;
+        // the C frontend waits for info to carry an error, checks that no bogus slot was
+        // answered, and disconnects.
+        let (summary, stdout) = run_front_output(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid,
+                args: &["--protocol", protocol, "--overflow"],
+                ops: 200,
+            },
+        );
+        assert_mixed(&summary, false);
+        assert!(stdout.contains("cfront: overflow (req_prod"), "{stdout}");
+        let summary = run_front(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid: domid + 10,
+                args: &["--protocol", protocol],
+                ops: 300,
+            },
+        );
+        assert_mixed(&summary, false);
+    }
     serve.stop();
     model.check_image(dir.path(), &image, "raw");
 }
