@@ -165,6 +165,8 @@ struct options {
     uint64_t span;
     bool expect_error;
     bool probe;
+    bool vanish;
+    bool overflow;
     unsigned timeout_ms;
 };
 
@@ -184,7 +186,8 @@ static void usage(void)
     fputs("usage: blkfront --dir DIR (--control SOCK [--domid D] [--protocol x86_64-abi|x86_32-abi]\n"
           "         [--ring-page-order N] [--ops N] [--seed S] [--iodepth N] [--indirect]\n"
           "         [--max-segs N] [--queues N] [--persistent] [--span SECTORS]\n"
-          "         [--model-out FILE] [--expect-error] [--timeout-ms MS] | --probe)\n",
+          "         [--model-out FILE] [--expect-error] [--vanish | --overflow]\n"
+          "         [--timeout-ms MS] | --probe)\n",
           stderr);
     exit(2);
 }
@@ -206,7 +209,7 @@ static void parse_options(int argc, char **argv)
     enum {
         O_DIR = 256, O_CONTROL, O_DOMID, O_PROTOCOL, O_ORDER, O_OPS, O_SEED, O_IODEPTH,
         O_INDIRECT, O_MAX_SEGS, O_QUEUES, O_PERSISTENT, O_SPAN, O_MODEL_OUT, O_EXPECT_ERROR,
-        O_PROBE, O_TIMEOUT,
+        O_PROBE, O_TIMEOUT, O_VANISH, O_OVERFLOW,
     };
     static const struct option longopts[] = {
         {"dir", required_argument, NULL, O_DIR},
@@ -226,6 +229,8 @@ static void parse_options(int argc, char **argv)
         {"expect-error", no_argument, NULL, O_EXPECT_ERROR},
         {"probe", no_argument, NULL, O_PROBE},
         {"timeout-ms", required_argument, NULL, O_TIMEOUT},
+        {"vanish", no_argument, NULL, O_VANISH},
+        {"overflow", no_argument, NULL, O_OVERFLOW},
         {NULL, 0, NULL, 0},
     };
     int c;
@@ -259,6 +264,8 @@ static void parse_options(int argc, char **argv)
         case O_MODEL_OUT: opt.model_out = optarg; break;
         case O_EXPECT_ERROR: opt.expect_error = true; break;
         case O_PROBE: opt.probe = true; break;
+        case O_VANISH: opt.vanish = true; break;
+        case O_OVERFLOW: opt.overflow = true; break;
         case O_TIMEOUT: opt.timeout_ms = (unsigned)parse_u64("timeout-ms", optarg, 600000); break;
         default: usage();
         }
@@ -1146,9 +1153,10 @@ static bool generate(struct slot *sl, unsigned slot_index)
             off += len;
         }
         /* Linux sends FUA writes as FLUSH_DISKCACHE (or WRITE_BARRIER) with segments. */
-        uint8_t op = k == K_WRITE ? BLKIF_OP_WRITE
-                     : backend.flush ? BLKIF_OP_FLUSH_DISKCACHE
-                                     : BLKIF_OP_WRITE_BARRIER;
+        uint8_t op = BLKIF_OP_WRITE;
+        if (k == K_FUA_WRITE)
+            op = backend.flush && (!backend.barrier || rng_below(2)) ? BLKIF_OP_FLUSH_DISKCACHE
+                                                                      : BLKIF_OP_WRITE_BARRIER;
         build_rw_request(sl, op, indirect);
     }
     return true;
@@ -1303,6 +1311,71 @@ static void run_workload(uint64_t ops)
     if (stats.ops - start_ops != ops)
         fail("internal: %" PRIu64 " ops completed, %" PRIu64 " submitted", stats.ops - start_ops,
              ops);
+}
+
+/* --vanish: fill the rings, then die without a word (no waiting, no disconnect, the event
+ * channel sockets left behind), as a guest that crashes mid-I/O. */
+static void vanish(void)
+{
+    unsigned next_queue = 0;
+    for (unsigned attempt = 0; attempt < 4 * nr_slots; attempt++) {
+        struct slot *sl = slot_free();
+        if (!sl || ring_free(&queues[next_queue]) == 0)
+            break;
+        if (!generate(sl, (unsigned)(sl - slots)))
+            continue; /* overlaps one in flight: draw another */
+        submit(sl, next_queue);
+        next_queue = (next_queue + 1) % opt.queues;
+    }
+    for (unsigned i = 0; i < opt.queues; i++)
+        ring_push(&queues[i]);
+    printf("cfront: vanishing with %u requests in flight\n", in_flight_total());
+    fflush(stdout);
+    _exit(0);
+}
+
+/* --overflow: publish a req_prod more than a ring ahead of the responses. The backend must
+ * stop serving the ring (no response to a bogus slot) and report it: xensim.md has the
+ * device go Closing with BE/error; over the control socket, info carries an "error". Then
+ * the frontend disconnects, and the caller checks that a new frontend is served. */
+static void overflow_ring(void)
+{
+    struct queue *q = &queues[0];
+    RING_IDX bogus, cons;
+    const RING_IDX *rsp_prod;
+    if (opt.proto32) {
+        blkif_x86_32_front_ring_t *fr = &q->ring.x86_32;
+        bogus = fr->rsp_cons + RING_SIZE(fr) + 1;
+        cons = fr->rsp_cons;
+        rsp_prod = &fr->sring->rsp_prod;
+        __atomic_store_n(&fr->sring->req_prod, bogus, __ATOMIC_RELEASE);
+    } else {
+        blkif_front_ring_t *fr = &q->ring.native;
+        bogus = fr->rsp_cons + RING_SIZE(fr) + 1;
+        cons = fr->rsp_cons;
+        rsp_prod = &fr->sring->rsp_prod;
+        __atomic_store_n(&fr->sring->req_prod, bogus, __ATOMIC_RELEASE);
+    }
+    evtchn_notify(&q->evtchn);
+    uint64_t deadline = now_ms() + opt.timeout_ms;
+    char reply[4096];
+    for (;;) {
+        ctl_call("{\"op\":\"info\"}\n", reply, sizeof(reply));
+        if (strstr(reply, "\"error\""))
+            break;
+        if (now_ms() >= deadline)
+            fail("overflow: req_prod %u, and info reports no error after %u ms: %s", bogus,
+                 opt.timeout_ms, reply);
+        usleep(20000);
+    }
+    RING_IDX prod = __atomic_load_n(rsp_prod, __ATOMIC_ACQUIRE);
+    if (prod != cons)
+        fail("overflow: the backend answered %u bogus requests (rsp_prod %u, rsp_cons %u)",
+             prod - cons, prod, cons);
+    const char *connected = strstr(reply, "\"connected\":");
+    printf("cfront: overflow (req_prod %u) reported, connected=%.5s: %s\n", bogus,
+           connected ? connected + strlen("\"connected\":") : "?", reply);
+    ctl_disconnect();
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1490,6 +1563,11 @@ static void run_expect_error(void)
         expect("write-to-read-only-disk", &r, BLKIF_OP_WRITE, BLKIF_RSP_ERROR);
         good_read("write-to-read-only-disk", 0);
     }
+    /* A flood of notifications with nothing on the ring: the backend must shrug it off. */
+    for (unsigned i = 0; i < 5000; i++)
+        evtchn_notify(&queues[0].evtchn);
+    good_read("notification-flood", 0);
+
     /* Leave slot 0's page as the workload expects it. */
     if (opt.persistent)
         grant(pg->gref, pg->frame, false);
@@ -1651,10 +1729,15 @@ int main(int argc, char **argv)
     hostile = (struct page){.frame = alloc_frame(), .gref = alloc_gref()};
 
     ctl_connect();
+    if (opt.vanish)
+        vanish();
     if (opt.expect_error)
         run_expect_error();
     run_workload(opt.ops);
-    ctl_disconnect();
+    if (opt.overflow)
+        overflow_ring();
+    else
+        ctl_disconnect();
     if (opt.model_out)
         write_model();
     cleanup();
