@@ -388,3 +388,125 @@ impl RingReport {
         write_json(self, path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(iops: f64, p99_us: f64, cpu_pct: f64, rss_mib: f64) -> Measured {
+        Measured {
+            iops,
+            mib_s: iops / 256.0,
+            p50_us: p99_us / 2.0,
+            p99_us,
+            cpu_pct,
+            rss_mib,
+        }
+    }
+
+    fn report() -> RingReport {
+        RingReport::new(RingConfig {
+            fio: "fio-test".into(),
+            mode: "test",
+            image_size_mib: 1,
+            runtime_ms: 1,
+            ramp_ms: 0,
+            rounds: 2,
+            idle_ms: 1,
+            front_persistent: true,
+            serve_args: Vec::new(),
+            seed: 1,
+            qcow2: "",
+            vhd: "",
+        })
+    }
+
+    #[test]
+    fn ratios_pair_rounds_and_targets_pass_or_fail() {
+        let shm = Backing {
+            dir: "/dev/shm".into(),
+            fs_type: "tmpfs".into(),
+            direct: true,
+        };
+        let mut r = report();
+        let qd32 = "randread-4k-qd32".to_string();
+        let qd1 = "randread-4k-qd1".to_string();
+        let fio = [
+            measured(100.0, 10.0, 50.0, 30.0),
+            measured(50.0, 20.0, 50.0, 30.0),
+        ];
+        r.add("fio", qd32.clone(), Some(32), Format::Raw, &shm, 1, &fio);
+        r.add("fio", qd1.clone(), Some(1), Format::Raw, &shm, 1, &fio);
+        // Round 2 was slow for both: raw is 0.9x fio in each round.
+        let raw = [
+            measured(90.0, 12.0, 60.0, 5.0),
+            measured(45.0, 24.0, 60.0, 5.0),
+        ];
+        r.add(
+            "ferrotap",
+            qd32.clone(),
+            Some(32),
+            Format::Raw,
+            &shm,
+            1,
+            &raw,
+        );
+        let qcow2 = [
+            measured(70.0, 30.0, 60.0, 40.0),
+            measured(35.0, 60.0, 60.0, 40.0),
+        ];
+        r.add("ferrotap", qd32, Some(32), Format::Qcow2, &shm, 1, &qcow2);
+        r.add("ferrotap", qd1, Some(1), Format::Raw, &shm, 1, &raw);
+        r.add(
+            "ferrotap",
+            "idle".into(),
+            None,
+            Format::Raw,
+            &shm,
+            1,
+            &[measured(0.0, 0.0, 0.3, 9.0)],
+        );
+        r.finish();
+        let row = |format: &str, workload: &str| {
+            r.runs
+                .iter()
+                .find(|row| {
+                    row.system == "ferrotap" && row.format == format && row.workload == workload
+                })
+                .unwrap()
+        };
+        assert_eq!(row("raw", "randread-4k-qd32").iops_vs_fio, Some(0.9));
+        assert_eq!(row("raw", "randread-4k-qd32").p99_vs_fio, Some(1.2));
+        assert_eq!(row("qcow2", "randread-4k-qd32").iops_vs_fio, Some(0.7));
+        // The lower median of two rounds is the slower one.
+        assert_eq!(row("raw", "randread-4k-qd32").measured.iops, 45.0);
+        let verdict = |target: &str, row: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.target == target && t.row.contains(row))
+                .map(|t| t.pass)
+        };
+        assert_eq!(
+            verdict("raw randread QD32 IOPS vs fio", "raw randread-4k-qd32"),
+            Some(true)
+        );
+        assert_eq!(
+            verdict(
+                "vhd/qcow2 randread QD32 IOPS vs fio",
+                "qcow2 randread-4k-qd32"
+            ),
+            Some(false)
+        );
+        assert_eq!(
+            verdict("p99 at QD1 vs fio", "raw randread-4k-qd1"),
+            Some(true)
+        );
+        assert_eq!(verdict("RSS MiB under load", "qcow2"), Some(false));
+        assert_eq!(verdict("idle CPU% ~0", "idle"), Some(true));
+        assert_eq!(verdict("idle RSS MiB", "idle"), Some(false));
+        // fio rows get no ratios and no targets.
+        assert!(r.targets.iter().all(|t| !t.row.starts_with("fio")));
+        let table = r.render();
+        assert!(table.contains("0.90x") && table.contains("FAIL"), "{table}");
+    }
+}
