@@ -1550,6 +1550,34 @@ static void run_expect_error(void)
         good_read("bad-indirect", 0);
     }
 
+    if (backend.max_indirect_segments == 0) {
+        /* Not offered: every segment count is above the advertised maximum of 0. */
+        struct page *ind = &hostile;
+        struct blkif_request_segment *list = (struct blkif_request_segment *)frame_ptr(ind->frame);
+        memset(list, 0, PAGE_SIZE);
+        list[0] = (struct blkif_request_segment){.gref = pg->gref, .first_sect = 0, .last_sect = 7};
+        grant(ind->gref, ind->frame, true);
+        grant(pg->gref, pg->frame, false);
+        r = (struct request){.operation = BLKIF_OP_INDIRECT, .indirect_op = BLKIF_OP_READ,
+                             .nr_segments = 1, .id = next_id(0)};
+        r.indirect_grefs[0] = ind->gref;
+        expect("indirect-not-offered", &r, BLKIF_OP_READ, BLKIF_RSP_ERROR);
+        grant_revoke(ind->gref);
+        good_read("indirect-not-offered", 0);
+    }
+    if (!backend.discard) {
+        r = (struct request){.operation = BLKIF_OP_DISCARD, .id = next_id(0), .sector = 0,
+                             .nr_sectors = 8};
+        expect("discard-not-offered", &r, BLKIF_OP_DISCARD, BLKIF_RSP_EOPNOTSUPP);
+        good_read("discard-not-offered", 0);
+    }
+    if (!backend.barrier) {
+        grant(pg->gref, pg->frame, true);
+        r = one_segment(BLKIF_OP_WRITE_BARRIER, 0, pg->gref, 0, 7);
+        expect("barrier-not-offered", &r, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP);
+        good_read("barrier-not-offered", 0);
+    }
+
     if (backend.discard && !backend.read_only) {
         r = (struct request){.operation = BLKIF_OP_DISCARD, .id = next_id(0),
                              .sector = last_sector, .nr_sectors = 2};
