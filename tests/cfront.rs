@@ -4,11 +4,13 @@
 //!   ways, every GNTST failure), and
 //! - against `ferrotap serve` end to end: verified random workloads (reads, writes, FUA
 //!   writes, flushes, discards; direct and indirect; both protocols; one-page and
-//!   multi-page rings; one and two queues; copy and persistent grants) on raw, qcow2, VHD
-//!   and a qcow2-over-raw chain, hostile requests answered with the right status, a guest
-//!   that vanishes mid-I/O leaving no mapping, thread or fd behind once the device is torn
-//!   down, and afterwards the image, read by `qemu-img convert`, holds what the frontends'
-//!   models say.
+//!   multi-page rings; 1, 2 and 4 queues; copy and persistent grants; guest memory growing
+//!   after connect; io_uring and AIO) on raw, qcow2, VHD and qcow2 overlays on raw and VHD;
+//!   hostile requests and features the backend does not offer answered with the right
+//!   status; a ring overflow reported; a read-only disk refusing writes; a guest that
+//!   vanishes mid-I/O leaving no mapping, thread or fd behind once the device is torn down;
+//!   and afterwards the image, read by `qemu-img convert`, holds what the frontends' models
+//!   say.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -521,7 +523,8 @@ fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
         (
             Run {
                 domid: 2,
-                args: &["--protocol", "x86_32-abi", "--iodepth", "16"],
+                // The guest's memory and grant table grow after connect (xensim section 1).
+                args: &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
                 ops: OPS,
             },
             false,

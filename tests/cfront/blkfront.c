@@ -172,6 +172,7 @@ struct options {
     bool probe;
     bool vanish;
     bool overflow;
+    bool grow;
     unsigned timeout_ms;
 };
 
@@ -191,7 +192,7 @@ static void usage(void)
     fputs("usage: blkfront --dir DIR (--control SOCK [--domid D] [--protocol x86_64-abi|x86_32-abi]\n"
           "         [--ring-page-order N] [--ops N] [--seed S] [--iodepth N] [--indirect]\n"
           "         [--max-segs N] [--queues N] [--persistent] [--span SECTORS]\n"
-          "         [--model-out FILE] [--expect-error] [--vanish | --overflow]\n"
+          "         [--model-out FILE] [--expect-error] [--vanish | --overflow] [--grow]\n"
           "         [--timeout-ms MS] | --probe)\n",
           stderr);
     exit(2);
@@ -214,7 +215,7 @@ static void parse_options(int argc, char **argv)
     enum {
         O_DIR = 256, O_CONTROL, O_DOMID, O_PROTOCOL, O_ORDER, O_OPS, O_SEED, O_IODEPTH,
         O_INDIRECT, O_MAX_SEGS, O_QUEUES, O_PERSISTENT, O_SPAN, O_MODEL_OUT, O_EXPECT_ERROR,
-        O_PROBE, O_TIMEOUT, O_VANISH, O_OVERFLOW,
+        O_PROBE, O_TIMEOUT, O_VANISH, O_OVERFLOW, O_GROW,
     };
     static const struct option longopts[] = {
         {"dir", required_argument, NULL, O_DIR},
@@ -236,6 +237,7 @@ static void parse_options(int argc, char **argv)
         {"timeout-ms", required_argument, NULL, O_TIMEOUT},
         {"vanish", no_argument, NULL, O_VANISH},
         {"overflow", no_argument, NULL, O_OVERFLOW},
+        {"grow", no_argument, NULL, O_GROW},
         {NULL, 0, NULL, 0},
     };
     int c;
@@ -271,6 +273,7 @@ static void parse_options(int argc, char **argv)
         case O_PROBE: opt.probe = true; break;
         case O_VANISH: opt.vanish = true; break;
         case O_OVERFLOW: opt.overflow = true; break;
+        case O_GROW: opt.grow = true; break;
         case O_TIMEOUT: opt.timeout_ms = (unsigned)parse_u64("timeout-ms", optarg, 600000); break;
         default: usage();
         }
@@ -289,6 +292,7 @@ struct guest {
     uint8_t *mem; /* the whole of dom<D>.mem, MAP_SHARED */
     uint32_t nr_frames;
     uint32_t next_frame;
+    int gnttab_fd;
     grant_entry_v1_t *gnttab;
     uint32_t nr_grefs;
     uint32_t next_gref;
@@ -313,9 +317,11 @@ static void path_in_dir(char *out, size_t size, const char *fmt, ...)
         fail("path %s/%s does not fit in %zu bytes (sun_path)", opt.dir, name, size);
 }
 
-/* Create dom<D>.mem with `frames` frames and dom<D>.gnttab with `grefs` entries, both
- * zeroed (so every entry starts revoked), and map them shared. */
-static void guest_create(uint32_t frames, uint32_t grefs)
+/* Create dom<D>.mem for `frames` frames and dom<D>.gnttab for `grefs` entries, both zeroed
+ * (so every entry starts revoked), and map them shared. The files start with `size_frames`
+ * and `size_grefs` (all of them, unless --grow): the rest is only used after guest_grow. */
+static void guest_create(uint32_t frames, uint32_t grefs, uint32_t size_frames,
+                         uint32_t size_grefs)
 {
     path_in_dir(guest.mem_path, sizeof(guest.mem_path), "dom%u.mem", opt.domid);
     path_in_dir(guest.gnttab_path, sizeof(guest.gnttab_path), "dom%u.gnttab", opt.domid);
@@ -323,7 +329,7 @@ static void guest_create(uint32_t frames, uint32_t grefs)
     guest.mem_fd = open(guest.mem_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (guest.mem_fd < 0)
         fail("create %s: %s", guest.mem_path, strerror(errno));
-    if (ftruncate(guest.mem_fd, (off_t)frames * PAGE_SIZE) != 0)
+    if (ftruncate(guest.mem_fd, (off_t)size_frames * PAGE_SIZE) != 0)
         fail("size %s: %s", guest.mem_path, strerror(errno));
     guest.mem = mmap(NULL, (size_t)frames * PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
                      guest.mem_fd, 0);
@@ -335,15 +341,24 @@ static void guest_create(uint32_t frames, uint32_t grefs)
     int fd = open(guest.gnttab_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (fd < 0)
         fail("create %s: %s", guest.gnttab_path, strerror(errno));
-    if (ftruncate(fd, (off_t)grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
+    if (ftruncate(fd, (off_t)size_grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
         fail("size %s: %s", guest.gnttab_path, strerror(errno));
     guest.gnttab = mmap(NULL, (size_t)grefs * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
                         MAP_SHARED, fd, 0);
     if (guest.gnttab == MAP_FAILED)
         fail("mmap %s: %s", guest.gnttab_path, strerror(errno));
-    close(fd);
+    guest.gnttab_fd = fd;
     guest.nr_grefs = grefs;
     guest.next_gref = FIRST_GREF;
+}
+
+/* Grow both files to their full size (xensim: they may grow while a backend is connected). */
+static void guest_grow(void)
+{
+    if (ftruncate(guest.mem_fd, (off_t)guest.nr_frames * PAGE_SIZE) != 0)
+        fail("grow %s: %s", guest.mem_path, strerror(errno));
+    if (ftruncate(guest.gnttab_fd, (off_t)guest.nr_grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
+        fail("grow %s: %s", guest.gnttab_path, strerror(errno));
 }
 
 static uint32_t alloc_frame(void)
@@ -1623,7 +1638,7 @@ static uint8_t probe_pattern(uint32_t gref, size_t i)
 
 static void run_probe(void)
 {
-    guest_create(64, 64);
+    guest_create(64, 64, 64, 64);
     struct evtchn *ev = &queues[0].evtchn;
     evtchn_bind(ev);
     /* Scattered frames; the second below the first, for a two-ref map in ref order. */
@@ -1753,15 +1768,24 @@ int main(int argc, char **argv)
 
     uint32_t ring_frames = opt.queues * (2u << opt.ring_order);
     uint32_t data_frames = opt.iodepth * (segs_per_slot + indirect_pages_per_slot);
-    guest_create(1 + ring_frames + data_frames + 16, FIRST_GREF + ring_frames + data_frames + 16);
+    uint32_t frames = 1 + ring_frames + data_frames + 16;
+    uint32_t grefs = FIRST_GREF + ring_frames + data_frames + 16;
+    if (opt.grow)
+        /* Just the rings at first: frames 1..ring_frames, refs up to their last. */
+        guest_create(frames, grefs, 1 + ring_frames,
+                     FIRST_GREF + (opt.queues << opt.ring_order));
+    else
+        guest_create(frames, grefs, frames, grefs);
     for (unsigned i = 0; i < opt.queues; i++) {
         queue_alloc_ring(&queues[i]);
         evtchn_bind(&queues[i].evtchn);
     }
-    slots_alloc();
-    hostile = (struct page){.frame = alloc_frame(), .gref = alloc_gref()};
 
     ctl_connect();
+    if (opt.grow)
+        guest_grow();
+    slots_alloc();
+    hostile = (struct page){.frame = alloc_frame(), .gref = alloc_gref()};
     if (opt.vanish)
         vanish();
     if (opt.expect_error)
