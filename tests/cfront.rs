@@ -499,7 +499,7 @@ fn random_raw(path: &Path, size_mib: u64, random_mib: usize, seed: u64) {
         .unwrap();
 }
 
-const OPS: u64 = 1500;
+const OPS: u64 = 1000;
 
 #[test]
 fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {

@@ -8,7 +8,13 @@
  *
  *   blkfront --dir DIR --control SOCK [options]            verified random workload
  *   blkfront --dir DIR --control SOCK --expect-error ...   hostile requests, then workload
+ *   blkfront --dir DIR --control SOCK --overflow ...       workload, then req_prod past the ring
+ *   blkfront --dir DIR --control SOCK --vanish ...         fill the ring and die mid-I/O
  *   blkfront --dir DIR --probe                             grant/event-channel probe (no serve)
+ *
+ * It prints one summary line (`cfront: ops=N reads=.. errors=0`) and exits 0, or prints
+ * `cfront: FAIL: <the request and what was wrong>` and exits 1. CFRONT_TRACE=1 logs every
+ * request and response on stderr.
  *
  * Build: gcc -std=c11 -O2 -Wall -Wextra -Werror -o blkfront blkfront.c
  */
@@ -36,7 +42,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,7 +56,7 @@
 #define SECTOR_SIZE 512u
 #define SECTORS_PER_PAGE (PAGE_SIZE / SECTOR_SIZE)
 /* Segments an indirect page holds. */
-#define SEGS_PER_INDIRECT_PAGE (PAGE_SIZE / sizeof(struct blkif_request_segment))
+#define SEGS_PER_INDIRECT_PAGE ((unsigned)(PAGE_SIZE / sizeof(struct blkif_request_segment)))
 /* The largest indirect request this frontend builds (blkif.h's recommended maximum). */
 #define MAX_INDIRECT_SEGS 256u
 #define MAX_QUEUES 4u
@@ -768,7 +773,7 @@ typedef void (*response_fn)(struct queue *q, const struct response *rsp);
 static unsigned ring_consume(struct queue *q, response_fn handle)
 {
     unsigned consumed = 0;
-    int more;
+    unsigned more;
     do {
         RING_IDX prod, cons;
         if (opt.proto32) {
