@@ -765,27 +765,57 @@ fn qcow2_overlay_on_vhd_chain() {
 }
 
 #[test]
-fn aio_engine_workload() {
+fn aio_engine_on_qcow2_copy_and_persistent() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 16, 6, 4);
+    let seed = dir.path().join("seed.raw");
+    random_raw(&seed, 16, 6, 4);
+    let image = dir.path().join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&seed)
+            .arg(&image),
+    );
     let serve = Serve::start(dir.path(), &image, &["--engine", "aio"]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &["--indirect", "--iodepth", "16", "--protocol", "x86_32-abi"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
+    for (domid, args) in [
+        (
+            1,
+            &["--indirect", "--iodepth", "16", "--protocol", "x86_32-abi"][..],
+        ),
+        (
+            2,
+            &[
+                "--indirect",
+                "--persistent",
+                "--queues",
+                "2",
+                "--ring-page-order",
+                "2",
+            ][..],
+        ),
+    ] {
+        let summary = run_front(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid,
+                args,
+                ops: OPS,
+            },
+        );
+        assert_mixed(&summary, true);
+    }
     serve.stop();
-    model.check_image(dir.path(), &image, "raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image),
+    );
+    model.check_image(dir.path(), &image, "qcow2");
 }
 
 /// Hostile cases blkfront.c sends with `--expect-error` to a writable backend that offers
