@@ -549,3 +549,151 @@ fn library_api_sends_raw_requests_and_reads_statuses() {
         );
     }
 }
+
+/// How the fake backend below misbehaves.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Answers OKAY without moving any data.
+    Lazy,
+    /// Answers INDIRECT requests with op 6 (Linux blkfront stops on it).
+    IndirectOp,
+    /// Echoes only the low 32 bits of the id.
+    ShortId,
+    /// Answers everything with BLKIF_RSP_ERROR.
+    Error,
+}
+
+/// A backend that speaks serve's control protocol and the ring correctly but lies in its
+/// answers: one queue, served by a thread through xen::sim and BackRing.
+fn fake_backend(dir: &Path, control: &Path, fault: Fault) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let listener = UnixListener::bind(control).unwrap();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut server = None;
+        for line in BufReader::new(stream).lines() {
+            let request: Value = serde_json::from_str(&line.unwrap()).unwrap();
+            let reply = match request["op"].as_str().unwrap() {
+                "info" => serde_json::json!({"ok": true, "sectors": 2048, "sector_size": 512,
+                    "physical_sector_size": 4096, "read_only": false, "connected": false,
+                    "features": {"flush": true, "barrier": true, "discard": true,
+                        "discard_secure": false, "discard_granularity": 4096,
+                        "discard_alignment": 0, "persistent": true,
+                        "max_indirect_segments": 256, "max_ring_page_order": 4,
+                        "max_queues": 1}}),
+                "connect" => {
+                    let domid = request["domid"].as_u64().unwrap() as u16;
+                    let protocol = Protocol::from_xenstore(request["protocol"].as_str()).unwrap();
+                    let queue = &request["queues"][0];
+                    let refs: Vec<u32> =
+                        serde_json::from_value(queue["ring_refs"].clone()).unwrap();
+                    let port = queue["event_channel"].as_u64().unwrap() as u32;
+                    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                    let dir = dir.clone();
+                    let stop = Arc::clone(&stop);
+                    server = Some(std::thread::spawn(move || {
+                        let platform = SimPlatform::new(dir);
+                        let mut access = platform.grant_access(domid, 64).unwrap();
+                        let mapping = access.map(&refs, true).unwrap();
+                        let mut channel = platform.bind_interdomain(domid, port).unwrap();
+                        // SAFETY: the mapping lives until this thread ends, after the ring.
+                        let mut ring =
+                            unsafe { BackRing::new(mapping.as_ptr(), mapping.len(), protocol) };
+                        ready_tx.send(()).unwrap();
+                        while !stop.load(Ordering::Relaxed) {
+                            while let Some(request) = ring.next_request().unwrap() {
+                                let mut response = ferrotap::blkif::Response {
+                                    id: request.id,
+                                    operation: request.operation,
+                                    status: status::OKAY,
+                                };
+                                if let RequestBody::Indirect { indirect_op, .. } = request.body {
+                                    if !matches!(fault, Fault::IndirectOp) {
+                                        response.operation = indirect_op;
+                                    }
+                                }
+                                match fault {
+                                    Fault::ShortId => response.id &= 0xffff_ffff,
+                                    Fault::Error => response.status = status::ERROR,
+                                    Fault::Lazy | Fault::IndirectOp => {}
+                                }
+                                ring.put_response(&response);
+                            }
+                            if ring.push_responses() {
+                                channel.notify().unwrap();
+                            }
+                            if !ring.final_check_for_requests() {
+                                let mut pollfd = libc::pollfd {
+                                    fd: channel.fd(),
+                                    events: libc::POLLIN,
+                                    revents: 0,
+                                };
+                                // SAFETY: one live pollfd; the fd belongs to `channel`.
+                                unsafe { libc::poll(&mut pollfd, 1, 10) };
+                                channel.drain().unwrap();
+                            }
+                        }
+                    }));
+                    ready_rx.recv().unwrap();
+                    serde_json::json!({"ok": true})
+                }
+                "disconnect" => {
+                    stop.store(true, Ordering::Relaxed);
+                    if let Some(server) = server.take() {
+                        server.join().unwrap();
+                    }
+                    serde_json::json!({"ok": true})
+                }
+                other => serde_json::json!({"ok": false, "error": format!("unknown op {other}")}),
+            };
+            writer.write_all(format!("{reply}\n").as_bytes()).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(server) = server.take() {
+            server.join().unwrap();
+        }
+    })
+}
+
+#[test]
+fn a_lying_backend_fails_the_run_naming_the_request() {
+    for (fault, expected) in [
+        (Fault::Lazy, "found the frame's canary"),
+        (Fault::IndirectOp, "answered with op 6"),
+        (Fault::ShortId, "matches no request in flight"),
+        (Fault::Error, "status -1"),
+    ] {
+        let dir = sim_dir();
+        let control = dir.path().join("fake.ctl");
+        let backend = fake_backend(dir.path(), &control, fault);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotap"))
+            .args([
+                "xensim", "blkfront", "--json", "--ops", "2000", "--seed", "5",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{expected}: the run succeeded");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+        assert!(stderr.contains("queue 0"), "{stderr}");
+        if !matches!(fault, Fault::ShortId) {
+            // The message names the request: its operation, sector and size.
+            assert!(
+                stderr.contains(" at sector ") && stderr.contains(" sectors)"),
+                "{stderr}"
+            );
+        }
+        backend.join().unwrap();
+    }
+}

@@ -910,14 +910,15 @@ impl QueueThread {
                 _ => {
                     // Allocation, copy-on-write or an unaligned piece: the chain's own
                     // write path, on the worker.
-                    let image = Arc::clone(&image);
+                    let shared = Arc::clone(&self.shared);
                     self.submit_job(
                         slot,
                         Box::new(move || {
                             // SAFETY: the slot keeps `part` alive and unchanged until this
                             // job's result is collected.
                             let data = unsafe { part.as_slice() };
-                            image.write_at(data, at)
+                            let _serialized = shared.worker_writes.lock();
+                            shared.image.write_at(data, at)
                         }),
                     );
                 }

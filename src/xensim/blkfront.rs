@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub const MAX_QUEUES: u32 = 4;
 /// The largest ring-page-order it asks for.
 pub const MAX_RING_PAGE_ORDER: u32 = 4;
+/// The top byte of every tracked request id (xor the queue index).
+const ID_MARK: u64 = 0xb1;
 /// Frames and refs beyond what the rings and slots need, for tests that grant more.
 const SPARE: u32 = 4096;
 
@@ -370,8 +372,9 @@ impl Queue {
         let index = self.index;
         let seq = self.next_seq;
         self.next_seq += 1;
-        // Every bit of the id is meaningful, so a backend that truncates it is caught.
-        let id = (index as u64) << 56 | (seq & 0xff_ffff_ffff) << 16 | slot as u64;
+        // The top byte is never zero, so a backend that truncates the id to 32 bits (or
+        // mixes up queues) is caught; the low 16 bits name the slot.
+        let id = (ID_MARK ^ index as u64) << 56 | (seq & 0xff_ffff_ffff) << 16 | slot as u64;
         let request = self.build_request(slot, io, id)?;
         let state = &mut self.slots[slot];
         state.state = SlotState::InFlight;

@@ -68,7 +68,7 @@ pub struct BlkfrontArgs {
     pub seconds: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Use only the first N bytes of the disk.
+    /// Use only the first N bytes of the disk (verify: default 1 GiB, at most 8 GiB).
     #[arg(long, value_name = "N")]
     pub region_bytes: Option<u64>,
     /// Send no discards (verify).

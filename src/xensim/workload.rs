@@ -19,6 +19,10 @@ use crate::blkif::{op, status, MAX_SEGMENTS_PER_REQUEST, SECTORS_PER_PAGE, SECTO
 use crate::error::{Error, Result};
 
 const SECTOR: usize = SECTOR_SIZE as usize;
+/// The part of the disk `verify` uses unless told (its model costs 17 bytes per sector).
+const VERIFY_DEFAULT_REGION: u64 = 1 << 30;
+/// The most it may be told to use.
+const VERIFY_MAX_REGION: u64 = 8 << 30;
 /// Bytes a read's frames are filled with before it is sent, to catch a backend that writes
 /// outside `[first_sect, last_sect]`.
 const CANARY: u8 = 0xa5;
@@ -567,6 +571,8 @@ impl Driver for BenchDriver {
 /// The verify workload's state shared by all queues.
 struct VerifyShared {
     model: Mutex<Model>,
+    /// Sectors the model covers.
+    region: u64,
     generation: AtomicU64,
     flush: bool,
     barrier: bool,
@@ -619,12 +625,7 @@ impl VerifyDriver {
     /// Sectors and, for data requests, a segment layout (random split, random offsets in
     /// the pages, or page-aligned like the page cache).
     fn pick_range(&self, operation: u8, rng: &mut Rng, slot: &mut Slot) -> (u64, u64) {
-        let region = self
-            .shared
-            .model
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .sectors();
+        let region = self.shared.region;
         let per_page = u64::from(SECTORS_PER_PAGE);
         if operation == op::DISCARD {
             let count = match rng.below(3) {
@@ -853,12 +854,23 @@ pub struct Outcome {
 pub fn run(front: &mut Blkfront, config: &WorkloadConfig) -> Result<Outcome> {
     let info = *front.info();
     let negotiated = *front.negotiated();
+    let verify = config.kind == WorkloadKind::Verify;
+    let default_region = if verify {
+        VERIFY_DEFAULT_REGION / SECTOR_SIZE
+    } else {
+        info.sectors
+    };
     let region_sectors = config
         .region_bytes
-        .map_or(info.sectors, |bytes| bytes / SECTOR_SIZE)
+        .map_or(default_region, |bytes| bytes / SECTOR_SIZE)
         .min(info.sectors);
     if region_sectors == 0 {
         return Err(Error::invalid("the workload's region is empty"));
+    }
+    if verify && region_sectors > VERIFY_MAX_REGION / SECTOR_SIZE {
+        return Err(Error::invalid(format!(
+            "verify keeps a model of every sector: its region is at most {VERIFY_MAX_REGION} bytes"
+        )));
     }
     let budget = Budget {
         stop: config.stop,
@@ -875,6 +887,7 @@ pub fn run(front: &mut Blkfront, config: &WorkloadConfig) -> Result<Outcome> {
             let features = info.features;
             let shared = Arc::new(VerifyShared {
                 model: Mutex::new(Model::new(region_sectors)),
+                region: region_sectors,
                 generation: AtomicU64::new(0),
                 flush: features.flush,
                 barrier: features.barrier,
