@@ -59,6 +59,31 @@ pub fn process_cpu_ns(pid: u32) -> Result<u64> {
     Ok((ticks(14 - 3)? + ticks(15 - 3)?) * (1_000_000_000 / USER_HZ))
 }
 
+/// CPU time and times scheduled in, summed over the live threads of process `pid`, from
+/// /proc/PID/task/*/schedstat (nanoseconds on a CPU; timeslices run): precise where
+/// /proc/PID/stat counts 10 ms ticks, but blind to threads that exit in between.
+pub fn threads_schedstat(pid: u32) -> Result<(u64, u64)> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| format!("reading {dir}: {e}"))?;
+    let (mut cpu_ns, mut slices) = (0, 0);
+    for task in tasks.flatten() {
+        // A thread that exits while this runs has no schedstat any more: it counts as none.
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .map_while(|field| field.parse().ok())
+            .collect();
+        let [on_cpu, _waiting, timeslices] = fields[..] else {
+            return Err(format!("unexpected {}: {text:?}", task.path().display()));
+        };
+        cpu_ns += on_cpu;
+        slices += timeslices;
+    }
+    Ok((cpu_ns, slices))
+}
+
 /// What a monitored child printed, and the highest peak RSS seen while it ran.
 pub struct ChildRun {
     pub stdout: String,
@@ -165,6 +190,8 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
         assert!(process_cpu_ns(pid).unwrap() > before, "{x}");
+        let (cpu_ns, slices) = threads_schedstat(pid).unwrap();
+        assert!(cpu_ns > 0 && slices > 0);
         let rss = status_kib(pid, "VmRSS").unwrap();
         assert!(rss > 0 && rss <= peak_rss_kib(pid).unwrap());
         assert_eq!(status_kib(pid, "NoSuchKey"), None);

@@ -15,7 +15,7 @@ use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 use serde::Deserialize;
 
 use crate::pattern::Workload;
-use crate::procfs::{peak_rss_kib, process_cpu_ns, run_monitored};
+use crate::procfs::{peak_rss_kib, process_cpu_ns, run_monitored, threads_schedstat};
 use crate::ring_report::{RingConfig, RingReport, RingSkip};
 use crate::suite::{preallocated_image, Backing, TempFile, MIB};
 use crate::{fio, IoEngine, Measured, PointConfig, Result};
@@ -72,9 +72,9 @@ pub struct RingArgs {
 const SEED: u64 = 0x5eed_f00d;
 /// Requests of the x86_64 protocol in one ring page (32 of 112 bytes after the header).
 const REQUESTS_PER_RING_PAGE: u32 = 32;
-/// Idle CPU counts as none up to this (the 10 ms ticks of /proc/PID/stat: connecting and
-/// the first timer of a thread may show as one tick over the watched seconds).
-pub const IDLE_CPU_LIMIT_PCT: f64 = 0.5;
+/// Idle CPU counts as none up to this: 0.1% of a core is 1 ms a second, the cost of a few
+/// hundred wake-ups; a serve that sleeps shows 0.
+pub const IDLE_CPU_LIMIT_PCT: f64 = 0.1;
 
 /// One access pattern at one queue depth per queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,14 +513,9 @@ fn fio_config(
     }
 }
 
-/// Serve with no frontend, then with a frontend connected and sending nothing: its CPU
-/// over `plan.idle_ms` and its peak RSS.
-fn measure_idle(
-    plan: &RingPlan,
-    image: &Path,
-    variant: &Variant,
-    connected: bool,
-) -> Result<Measured> {
+/// Serve with no frontend, or with a frontend connected and sending nothing: its CPU and
+/// wake-ups over `plan.idle_ms` (precise, from its threads' schedstat) and its peak RSS.
+fn measure_idle(plan: &RingPlan, image: &Path, variant: &Variant, connected: bool) -> Result<Idle> {
     let serve = Serve::start(plan, image, Format::Raw, variant)?;
     let front = if connected {
         let config = FrontConfig {
@@ -532,13 +527,19 @@ fn measure_idle(
     } else {
         None
     };
+    let info = control_request(&serve.host.control(), r#"{"op":"info"}"#)?;
+    if info.contains(r#""connected":true"#) != connected {
+        return Err(format!("serve's info while idle: {}", info.trim()));
+    }
     // Let the connection settle (queue threads started, first waits entered).
     thread::sleep(Duration::from_millis(200));
-    let cpu_before = process_cpu_ns(serve.pid())?;
+    let (cpu_before, slices_before) = threads_schedstat(serve.pid())?;
     let watched = Instant::now();
     thread::sleep(Duration::from_millis(plan.idle_ms));
-    let cpu_ns = process_cpu_ns(serve.pid())? - cpu_before;
+    let (cpu_after, slices_after) = threads_schedstat(serve.pid())?;
     let elapsed = watched.elapsed();
+    let cpu_ns = cpu_after.saturating_sub(cpu_before);
+    let wakeups = slices_after.saturating_sub(slices_before);
     let peak_kib = peak_rss_kib(serve.pid()).ok_or("serve's /proc/PID/status is gone")?;
     if let Some(mut front) = front {
         front
@@ -546,14 +547,25 @@ fn measure_idle(
             .map_err(|e| format!("disconnecting the blkfront: {e}"))?;
     }
     serve.close()?;
-    Ok(Measured {
-        iops: 0.0,
-        mib_s: 0.0,
-        p50_us: 0.0,
-        p99_us: 0.0,
-        cpu_pct: cpu_ns as f64 / elapsed.as_nanos().max(1) as f64 * 100.0,
-        rss_mib: peak_kib as f64 / 1024.0,
+    let seconds = elapsed.as_secs_f64().max(1e-3);
+    Ok(Idle {
+        measured: Measured {
+            iops: 0.0,
+            mib_s: 0.0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            cpu_pct: cpu_ns as f64 / (seconds * 1e9) * 100.0,
+            rss_mib: peak_kib as f64 / 1024.0,
+        },
+        wakeups_per_s: wakeups as f64 / seconds,
     })
+}
+
+/// An idle serve's figures.
+struct Idle {
+    measured: Measured,
+    /// Times serve's threads were scheduled in, per second: 0 when it truly sleeps.
+    wakeups_per_s: f64,
 }
 
 /// The ferrotap binary next to ferrotap-bench (run.sh builds both).
@@ -847,10 +859,11 @@ fn run_idle(plan: &RingPlan, backing: &Backing, args: &RingArgs, report: &mut Ri
     for (variant, connected) in cases {
         let workload = if connected { "idle-connected" } else { "idle" };
         match measure_idle(plan, image.path(), &variant, connected) {
-            Ok(m) => {
+            Ok(idle) => {
+                let m = idle.measured;
                 eprintln!(
-                    "   {:<20} {workload:<16} CPU {:.2}% RSS {:.1} MiB",
-                    variant.label, m.cpu_pct, m.rss_mib
+                    "   {:<20} {workload:<16} CPU {:.3}% ({:.1} wake-ups/s) RSS {:.1} MiB",
+                    variant.label, m.cpu_pct, idle.wakeups_per_s, m.rss_mib
                 );
                 report.add(
                     &variant.label,
@@ -861,6 +874,7 @@ fn run_idle(plan: &RingPlan, backing: &Backing, args: &RingArgs, report: &mut Ri
                     1,
                     &[m],
                 );
+                report.set_wakeups(idle.wakeups_per_s);
             }
             Err(reason) => report.skip(RingSkip {
                 system: variant.label.clone(),

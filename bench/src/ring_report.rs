@@ -42,6 +42,9 @@ pub struct RingRow {
     /// Over fio's figure at the same point: the median of the per-round ratios.
     pub iops_vs_fio: Option<f64>,
     pub p99_vs_fio: Option<f64>,
+    /// Idle rows: times serve's threads were scheduled in, per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wakeups_per_s: Option<f64>,
 }
 
 impl RingRow {
@@ -183,7 +186,15 @@ impl RingReport {
             p99_rounds: rounds.iter().map(|r| round(r.p99_us, 2)).collect(),
             iops_vs_fio: None,
             p99_vs_fio: None,
+            wakeups_per_s: None,
         });
+    }
+
+    /// Record the wake-ups of the idle row just added.
+    pub fn set_wakeups(&mut self, per_second: f64) {
+        if let Some(row) = self.runs.last_mut().filter(|row| row.is_idle()) {
+            row.wakeups_per_s = Some(round(per_second, 1));
+        }
     }
 
     pub fn skip(&mut self, skip: RingSkip) {
