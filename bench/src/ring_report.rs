@@ -475,7 +475,17 @@ mod tests {
             Format::Raw,
             &shm,
             1,
-            &[measured(0.0, 0.0, 0.3, 9.0)],
+            &[measured(0.0, 0.0, 0.05, 9.0)],
+        );
+        r.set_wakeups(0.04);
+        r.add(
+            "ferrotap[poll-us=50]",
+            "idle-connected".into(),
+            None,
+            Format::Raw,
+            &shm,
+            1,
+            &[measured(0.0, 0.0, 0.3, 4.0)],
         );
         r.finish();
         let row = |format: &str, workload: &str| {
@@ -513,8 +523,11 @@ mod tests {
             Some(true)
         );
         assert_eq!(verdict("RSS MiB under load", "qcow2"), Some(false));
-        assert_eq!(verdict("idle CPU% ~0", "idle"), Some(true));
-        assert_eq!(verdict("idle RSS MiB", "idle"), Some(false));
+        assert_eq!(verdict("idle CPU% ~0", "raw idle "), Some(true));
+        assert_eq!(verdict("idle RSS MiB", "raw idle "), Some(false));
+        assert_eq!(verdict("idle CPU% ~0", "idle-connected"), Some(false));
+        assert_eq!(verdict("idle RSS MiB", "idle-connected"), Some(true));
+        assert_eq!(row("raw", "idle").wakeups_per_s, Some(0.0));
         // fio rows get no ratios and no targets.
         assert!(r.targets.iter().all(|t| !t.row.starts_with("fio")));
         let table = r.render();
