@@ -58,8 +58,14 @@ fn map_status(platform: &SimPlatform, domid: u16, refs: &[u32], writable: bool) 
 #[test]
 fn grant_entries_land_at_their_offsets_with_their_flags() {
     let dir = sim_dir();
+    // A leftover of a guest that is gone is replaced; a live guest's files are not.
+    std::fs::write(dir.path().join("dom3.mem"), b"stale").unwrap();
     let memory = GuestMemory::create(dir.path(), 3, 64).unwrap();
     let table = GrantTable::create(dir.path(), 3, 1024).unwrap();
+    assert_eq!(std::fs::metadata(memory.path()).unwrap().len(), 0);
+    let err = GuestMemory::create(dir.path(), 3, 64).err().unwrap();
+    assert!(err.to_string().contains("running guest"), "{err}");
+    assert!(GrantTable::create(dir.path(), 3, 64).is_err());
     assert!(dir.path().join("dom3.mem").exists() && dir.path().join("dom3.gnttab").exists());
     let mut frames = memory.alloc_many(3).unwrap();
     assert_eq!(

@@ -2,7 +2,7 @@
 //! its grant table `dom<D>.gnttab` and its ends of event channels
 //! (`evtchn.<D>.<P>.front`). Every `unsafe` of the simulated frontend lives here.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
@@ -97,14 +97,30 @@ struct GrowableFile {
 }
 
 impl GrowableFile {
-    /// Create `path` afresh (a leftover of that name is unlinked first, so whoever still maps
-    /// it keeps its pages: files never shrink under a backend) with `size` bytes and a
-    /// mapping of `capacity` bytes.
+    /// Create `path` afresh with `size` bytes and a mapping of `capacity` bytes, locked
+    /// (flock) for as long as this guest lives. A leftover of a guest that is gone (its lock
+    /// released) is unlinked first, so whoever still maps it keeps its pages: files never
+    /// shrink under a backend. A live guest's file is an error.
     fn create(path: PathBuf, size: u64, capacity: usize) -> Result<GrowableFile> {
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
+        match File::open(&path) {
+            Ok(old) => match old.try_lock() {
+                Ok(()) => match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(Error::io("unlink", err).with_path(&path)),
+                },
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::invalid(
+                        "a running guest holds this file (same domain id in the same host)",
+                    )
+                    .with_path(&path))
+                }
+                Err(TryLockError::Error(err)) => {
+                    return Err(Error::io("lock", err).with_path(&path))
+                }
+            },
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(Error::io("unlink", err).with_path(&path)),
+            Err(err) => return Err(Error::io("open", err).with_path(&path)),
         }
         let file = OpenOptions::new()
             .read(true)
@@ -112,6 +128,9 @@ impl GrowableFile {
             .create_new(true)
             .open(&path)
             .map_err(|err| Error::io("create", err).with_path(&path))?;
+        file.try_lock().map_err(|err| {
+            Error::invalid(format!("another guest raced to create it: {err}")).with_path(&path)
+        })?;
         file.set_len(size)
             .map_err(|err| Error::io("set size of", err).with_path(&path))?;
         let map = Mapping::shared(&file, capacity)

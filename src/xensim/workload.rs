@@ -72,13 +72,19 @@ impl WorkloadConfig {
 /// The run's figures (the JSON printed on stdout).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Report {
+    /// Requests answered.
     pub ops: u64,
     pub reads: u64,
+    /// Requests carrying data to the disk (flushes and barriers with segments included).
     pub writes: u64,
+    /// FLUSH_DISKCACHE and WRITE_BARRIER requests, with or without data.
     pub flushes: u64,
     pub discards: u64,
+    /// Data bytes moved by reads and writes.
     pub bytes: u64,
+    /// Error responses: any one ends the run as a failure, so a report printed has 0.
     pub errors: u64,
+    /// Bytes read back and compared with contents the model knew (verify).
     pub verified_bytes: u64,
     pub seconds: f64,
     pub iops: f64,
