@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # ferrotap's benchmarks. Usage:
 #   bench/run.sh image [--quick] [--dir DIR]... [--jobs N] [--runtime-ms MS] [--size-mib MIB] [--out FILE]
-# Builds ferrotap-bench in release, then runs the image-layer benchmark beside fio.
+#   bench/run.sh ring [--quick | --options] [--dir DIR]... [--rounds N] [--runtime-ms MS] [--out FILE]
+# Builds ferrotap and ferrotap-bench in release, then runs the image-layer benchmark (image)
+# or ferrotap serve under the simulated blkfront (ring), beside fio.
 # See bench/README.md for what is measured and how to read it.
 set -euo pipefail
 
 usage() {
-    sed -n '2,3p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -14,10 +16,10 @@ usage() {
 suite=$1
 shift
 case "$suite" in
-image) ;;
+image | ring) ;;
 -h | --help) usage ;;
 *)
-    echo "run.sh: unknown benchmark '$suite' (known: image)" >&2
+    echo "run.sh: unknown benchmark '$suite' (known: image, ring)" >&2
     exit 2
     ;;
 esac
@@ -29,6 +31,7 @@ command -v fio >/dev/null || {
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-cargo build --release -p ferrotap-bench
+# ring runs the ferrotap binary (serve, xensim blkfront) built next to ferrotap-bench.
+cargo build --release -p ferrotap -p ferrotap-bench
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 exec "${target_dir:-$root/target}/release/ferrotap-bench" "$suite" "$@"

@@ -2,7 +2,9 @@
 //! command. In a temporary directory it builds a raw base with a pattern, a qcow2 overlay
 //! on it and a VHD differencing chain holding the same guest writes, then converts,
 //! compares (with ferrotap, and with qemu-img when installed), checks and commits, printing
-//! sizes and throughput. Later issues grow it into a whole simulated Xen host.
+//! sizes and throughput. Finally it serves the qcow2 chain as a guest disk on a simulated
+//! Xen host (xensim): `ferrotap serve` and a simulated blkfront, each its own process, run
+//! a verified random workload and a short random-read run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -325,6 +327,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         rate(size, started.elapsed())
     );
 
+    serve_on_xensim(&overlay)?;
+
     println!("images:");
     for path in images {
         println!("  {}", describe(path)?);
@@ -333,5 +337,135 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Some(dir) => println!("demo done; images kept in {}", dir.display()),
         None => println!("demo done; temporary directory removed"),
     }
+    Ok(())
+}
+
+/// A simulated host directory: short, because its sockets must fit in sun_path.
+struct SimDir(PathBuf);
+
+impl Drop for SimDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child process left running when the demo fails.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Run the simulated blkfront with `args`; its JSON report.
+fn blkfront(exe: &Path, sim: &Path, control: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new(exe)
+        .args(["xensim", "blkfront", "--json", "--dir"])
+        .arg(sim)
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .map_err(|e| Error::io("run the simulated blkfront", e))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(Error::invalid(format!(
+            "simulated blkfront failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .ok_or_else(|| Error::invalid("simulated blkfront printed no report"))
+}
+
+/// 9. `ferrotap serve` on the chain, driven by a simulated blkfront over xensim.
+fn serve_on_xensim(image: &Path) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("find ferrotap", e))?;
+    let sim = SimDir(PathBuf::from(format!(
+        "/dev/shm/ftdemo.{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&sim.0).map_err(|e| Error::io("create", e).with_path(&sim.0))?;
+    let control = sim.0.join("vbd.ctl");
+    let serve = Command::new(&exe)
+        .arg("serve")
+        .arg("--image")
+        .arg(image)
+        .arg("--xensim")
+        .arg(&sim.0)
+        .arg("--control")
+        .arg(&control)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("start ferrotap serve", e))?;
+    let mut serve = Child(serve);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&control).is_err() {
+        if Instant::now() > deadline {
+            return Err(Error::invalid("ferrotap serve did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "9. ferrotap serve on overlay.qcow2 (pid {}), a simulated guest on xensim ({})",
+        serve.0.id(),
+        sim.0.display()
+    );
+    let verify = blkfront(
+        &exe,
+        &sim.0,
+        &control,
+        &[
+            "--workload",
+            "verify",
+            "--ops",
+            "4000",
+            "--queues",
+            "2",
+            "--persistent",
+        ],
+    )?;
+    println!(
+        "   verified workload, 2 queues, persistent grants: {} requests ({} reads, {} writes, {} flushes, {} discards), {} MiB checked, {} errors",
+        verify["ops"],
+        verify["reads"],
+        verify["writes"],
+        verify["flushes"],
+        verify["discards"],
+        verify["verified_bytes"].as_u64().unwrap_or(0) >> 20,
+        verify["errors"]
+    );
+    let random = blkfront(
+        &exe,
+        &sim.0,
+        &control,
+        &[
+            "--workload",
+            "randread",
+            "--iodepth",
+            "32",
+            "--seconds",
+            "2",
+            "--persistent",
+        ],
+    )?;
+    println!(
+        "   4 KiB random reads at queue depth 32: {:.0} IOPS, p50 {:.0} us, p99 {:.0} us",
+        random["iops"].as_f64().unwrap_or(0.0),
+        random["p50_us"].as_f64().unwrap_or(0.0),
+        random["p99_us"].as_f64().unwrap_or(0.0)
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&control)
+        .map_err(|e| Error::io("connect to serve", e))?;
+    std::io::Write::write_all(&mut stream, b"{\"op\":\"close\"}\n")
+        .map_err(|e| Error::io("close serve", e))?;
+    let _ = serve.0.wait();
     Ok(())
 }

@@ -17,3 +17,4 @@ pub mod img;
 pub mod serve;
 mod sys;
 pub mod xen;
+pub mod xensim;

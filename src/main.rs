@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
 use ferrotap::serve::{self, ServeArgs};
+use ferrotap::xensim::{self, XensimCommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,12 +33,18 @@ enum Command {
     Serve(ServeArgs),
     /// Run a self-contained tour of the image layer in a temporary directory.
     Demo(DemoArgs),
+    /// Simulated Xen guests on a xensim host (tests and the ring benchmark).
+    Xensim {
+        #[command(subcommand)]
+        command: XensimCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Img { command } => img::run(command),
+        Command::Xensim { command } => xensim::run(command),
         Command::Serve(args) => match serve::run(args) {
             Ok(()) => 0,
             Err(err) => {

@@ -1,21 +1,33 @@
 //! The C blkfront (tests/cfront/blkfront.c), written from ../shared/xensim.md and Xen's own
-//! io/ring.h and io/blkif.h alone, as the independent check of the xensim contract: its
-//! guest memory, grant table and event channel against `ferrotap::xen::sim::SimPlatform`
-//! (grants and event channels, both ways, every GNTST failure).
+//! io/ring.h and io/blkif.h alone, as the independent check of the xensim contract:
+//! - against `ferrotap::xen::sim::SimPlatform` directly (grants and event channels, both
+//!   ways, every GNTST failure), and
+//! - against `ferrotap serve` end to end: verified random workloads (reads, writes, FUA
+//!   writes, flushes, discards; direct and indirect; both protocols; one-page and
+//!   multi-page rings; 1, 2 and 4 queues; copy and persistent grants; guest memory growing
+//!   after connect; io_uring and AIO) on raw, qcow2, VHD and qcow2 overlays on raw and VHD;
+//!   hostile requests and features the backend does not offer answered with the right
+//!   status; a ring overflow reported; a read-only disk refusing writes; a guest that
+//!   vanishes mid-I/O leaving no mapping, thread or fd behind once the device is torn down;
+//!   and afterwards the image, read by `qemu-img convert`, holds what the frontends' models
+//!   say.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrotap::xen::sim::SimPlatform;
 use ferrotap::xen::{gntst, CopyDirection, CopySegment, GrantFailure, GrantMapping, Platform};
 
 const PAGE: usize = 4096;
+const SECTOR: usize = 512;
 
 /// A short directory: socket paths must fit in sun_path (107 bytes).
 fn sim_dir() -> tempfile::TempDir {
@@ -62,6 +74,20 @@ fn blkfront() -> &'static Path {
     })
 }
 
+fn run_ok(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("{command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `key=value` pairs of a line, as numbers.
 fn fields(line: &str) -> BTreeMap<String, u64> {
     line.split_whitespace()
         .filter_map(|word| word.split_once('='))
@@ -259,4 +285,830 @@ fn c_guest_grants_and_event_channel_work_with_the_sim_platform() {
         !dir.path().join(format!("evtchn.3.{port}.front")).exists(),
         "the C guest unbinds"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// End to end against `ferrotap serve`
+
+/// A running `ferrotap serve`; killed on drop.
+struct Serve {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path, image: &Path, extra: &[&str]) -> Serve {
+        let control = dir.join("ctl");
+        let _ = fs::remove_file(&control);
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrotap"))
+            .arg("serve")
+            .arg("--image")
+            .arg(image)
+            .arg("--xensim")
+            .arg(dir)
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut serve = Serve { child, control };
+        let start = Instant::now();
+        while !serve.control.exists() {
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                serve
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
+                panic!(
+                    "ferrotap serve exited ({status}) before binding its control socket:\n{stderr}"
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "ferrotap serve did not bind {} within 20 s",
+                serve.control.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    /// Stop serving; the process must still be alive (it survived every frontend).
+    fn stop(mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "ferrotap serve died while serving"
+        );
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The disk's content as the frontends' models know it, merged run after run.
+#[derive(Default)]
+struct Model {
+    sectors: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Model {
+    /// Merge a `--model-out` file: records of (sector u64 LE, 512 bytes).
+    fn merge(&mut self, file: &Path) {
+        let bytes = fs::read(file).unwrap();
+        assert_eq!(bytes.len() % (8 + SECTOR), 0, "{}", file.display());
+        for record in bytes.chunks_exact(8 + SECTOR) {
+            let sector = u64::from_le_bytes(record[..8].try_into().unwrap());
+            self.sectors.insert(sector, record[8..].to_vec());
+        }
+    }
+
+    /// Every known sector of the image (read as raw by qemu-img) equals the model.
+    fn check_image(&self, dir: &Path, image: &Path, format: &str) {
+        assert!(!self.sectors.is_empty(), "the model knows nothing");
+        let raw = dir.join("check.raw");
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", format, "-O", "raw"])
+                .arg(image)
+                .arg(&raw),
+        );
+        let data = fs::read(&raw).unwrap();
+        for (sector, want) in &self.sectors {
+            let at = *sector as usize * SECTOR;
+            let got = &data[at..at + SECTOR];
+            if got != want.as_slice() {
+                let byte = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                panic!(
+                    "{} sector {sector} differs from the frontend's model at byte {byte}: \
+                     {:#04x} != {:#04x}",
+                    image.display(),
+                    got[byte],
+                    want[byte]
+                );
+            }
+        }
+        fs::remove_file(&raw).unwrap();
+    }
+}
+
+/// One C frontend run: what to pass and what to expect.
+struct Run<'a> {
+    domid: u16,
+    args: &'a [&'a str],
+    ops: u64,
+}
+
+/// Run the C frontend against `serve`; assert exit 0 and the summary's counts; merge its
+/// model. Returns the summary.
+fn run_front(
+    blkfront: &Path,
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    run: &Run,
+) -> BTreeMap<String, u64> {
+    run_front_output(blkfront, dir, serve, model, run).0
+}
+
+/// As [`run_front`], with the frontend's whole output.
+fn run_front_output(
+    blkfront: &Path,
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    run: &Run,
+) -> (BTreeMap<String, u64>, String) {
+    let model_out = dir.join(format!("model.{}", run.domid));
+    let mut command = Command::new(blkfront);
+    command
+        .arg("--dir")
+        .arg(dir)
+        .arg("--control")
+        .arg(&serve.control)
+        .arg("--model-out")
+        .arg(&model_out)
+        .args(["--domid", &run.domid.to_string()])
+        .args(["--ops", &run.ops.to_string()])
+        .args(["--seed", &(u64::from(run.domid) * 7919).to_string()])
+        .args(run.args);
+    let stdout = run_ok(&mut command);
+    let summary_line = stdout
+        .lines()
+        .find(|l| l.starts_with("cfront: ops="))
+        .unwrap_or_else(|| panic!("no summary line from {command:?}:\n{stdout}"));
+    let summary = fields(summary_line);
+    assert_eq!(summary["errors"], 0, "{summary_line}");
+    assert_eq!(summary["ops"], run.ops, "{summary_line}");
+    let by_kind: u64 = ["reads", "writes", "fua_writes", "flushes", "discards"]
+        .iter()
+        .map(|k| summary[*k])
+        .sum();
+    assert_eq!(by_kind, run.ops, "{summary_line}");
+    model.merge(&model_out);
+    fs::remove_file(&model_out).unwrap();
+    (summary, stdout)
+}
+
+/// A busy workload: every kind of request shows up, and reads verified real data.
+fn assert_mixed(summary: &BTreeMap<String, u64>, indirect: bool) {
+    let line = format!("{summary:?}");
+    for kind in [
+        "reads",
+        "writes",
+        "fua_writes",
+        "flushes",
+        "discards",
+        "verified_bytes",
+    ] {
+        assert!(summary[kind] > 0, "no {kind}: {line}");
+    }
+    assert_eq!(
+        summary["indirect"] > 0,
+        indirect,
+        "indirect requests: {line}"
+    );
+}
+
+/// A raw image whose first `random_mib` MiB hold pseudo-random bytes (so reads of sectors
+/// nobody wrote learn real data, not zeros), the rest a hole.
+fn random_raw(path: &Path, size_mib: u64, random_mib: usize, seed: u64) {
+    let mut state = seed | 1;
+    let mut data = vec![0u8; random_mib << 20];
+    for chunk in data.chunks_exact_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes());
+    }
+    fs::write(path, &data).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(size_mib << 20)
+        .unwrap();
+}
+
+const OPS: u64 = 1000;
+
+#[test]
+fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 16, 6, 1);
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    let runs: [(Run, bool); 6] = [
+        (
+            Run {
+                domid: 1,
+                args: &["--protocol", "x86_64-abi", "--iodepth", "16"],
+                ops: OPS,
+            },
+            false,
+        ),
+        (
+            Run {
+                domid: 2,
+                // The guest's memory and grant table grow after connect (xensim section 1).
+                args: &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
+                ops: OPS,
+            },
+            false,
+        ),
+        (
+            Run {
+                domid: 3,
+                args: &[
+                    "--protocol",
+                    "x86_64-abi",
+                    "--ring-page-order",
+                    "2",
+                    "--indirect",
+                    "--iodepth",
+                    "32",
+                    "--persistent",
+                ],
+                ops: OPS,
+            },
+            true,
+        ),
+        (
+            Run {
+                domid: 4,
+                args: &[
+                    "--protocol",
+                    "x86_32-abi",
+                    "--ring-page-order",
+                    "3",
+                    "--indirect",
+                    "--iodepth",
+                    "24",
+                ],
+                ops: OPS,
+            },
+            true,
+        ),
+        (
+            Run {
+                domid: 5,
+                args: &[
+                    "--queues",
+                    "2",
+                    "--ring-page-order",
+                    "1",
+                    "--indirect",
+                    "--persistent",
+                ],
+                ops: OPS,
+            },
+            true,
+        ),
+        (
+            Run {
+                domid: 6,
+                args: &[
+                    "--protocol",
+                    "x86_32-abi",
+                    "--queues",
+                    "4",
+                    "--ring-page-order",
+                    "4",
+                    "--indirect",
+                    "--iodepth",
+                    "64",
+                ],
+                ops: OPS,
+            },
+            true,
+        ),
+    ];
+    for (run, indirect) in &runs {
+        let summary = run_front(blkfront, dir.path(), &serve, &mut model, run);
+        assert_mixed(&summary, *indirect);
+    }
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
+}
+
+#[test]
+fn qcow2_with_data_both_protocols() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let seed = dir.path().join("seed.raw");
+    random_raw(&seed, 16, 6, 2);
+    let image = dir.path().join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&seed)
+            .arg(&image),
+    );
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 1,
+            args: &["--ring-page-order", "1", "--indirect", "--iodepth", "16"],
+            ops: OPS,
+        },
+    );
+    assert_mixed(&summary, true);
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 2,
+            args: &["--protocol", "x86_32-abi", "--persistent"],
+            ops: OPS,
+        },
+    );
+    assert_mixed(&summary, false);
+    serve.stop();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image),
+    );
+    model.check_image(dir.path(), &image, "qcow2");
+}
+
+#[test]
+fn vhd_made_by_ferrotap_both_protocols() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.vhd");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_ferrotap"))
+            .args(["img", "create", "-f", "vpc"])
+            .arg(&image)
+            .arg("16M"),
+    );
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 1,
+            args: &[
+                "--protocol",
+                "x86_32-abi",
+                "--ring-page-order",
+                "2",
+                "--indirect",
+                "--iodepth",
+                "16",
+            ],
+            ops: OPS,
+        },
+    );
+    assert_mixed(&summary, true);
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 2,
+            args: &["--persistent", "--iodepth", "8"],
+            ops: OPS,
+        },
+    );
+    assert_mixed(&summary, false);
+    serve.stop();
+    model.check_image(dir.path(), &image, "vpc");
+}
+
+/// A qcow2 overlay made by qemu-img on `base` (format `base_format`): the frontend's reads
+/// fall through to the base, its writes land in the overlay, and the base is untouched.
+fn overlay_chain(dir: &Path, base: &Path, base_format: &str) {
+    let base_before = fs::read(base).unwrap();
+    let image = dir.join("top.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(base)
+            .arg(&image),
+    );
+    let serve = Serve::start(dir, &image, &[]);
+    let mut model = Model::default();
+    let summary = run_front(
+        blkfront(),
+        dir,
+        &serve,
+        &mut model,
+        &Run {
+            domid: 1,
+            args: &["--indirect", "--iodepth", "16", "--ring-page-order", "1"],
+            ops: OPS,
+        },
+    );
+    assert_mixed(&summary, true);
+    assert!(summary["learned_bytes"] > 0, "{summary:?}");
+    serve.stop();
+    assert!(
+        fs::read(base).unwrap() == base_before,
+        "the base was written"
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image),
+    );
+    model.check_image(dir, &image, "qcow2");
+}
+
+#[test]
+fn qcow2_overlay_on_raw_chain() {
+    let dir = sim_dir();
+    let base = dir.path().join("base.raw");
+    random_raw(&base, 16, 6, 3);
+    overlay_chain(dir.path(), &base, "raw");
+}
+
+#[test]
+fn qcow2_overlay_on_vhd_chain() {
+    let dir = sim_dir();
+    let seed = dir.path().join("seed.raw");
+    random_raw(&seed, 16, 6, 10);
+    let base = dir.path().join("base.vhd");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vpc"])
+            .args(["-o", "subformat=dynamic,force_size=on"])
+            .arg(&seed)
+            .arg(&base),
+    );
+    overlay_chain(dir.path(), &base, "vpc");
+}
+
+#[test]
+fn aio_engine_on_qcow2_copy_and_persistent() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let seed = dir.path().join("seed.raw");
+    random_raw(&seed, 16, 6, 4);
+    let image = dir.path().join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&seed)
+            .arg(&image),
+    );
+    let serve = Serve::start(dir.path(), &image, &["--engine", "aio"]);
+    let mut model = Model::default();
+    for (domid, args) in [
+        (
+            1,
+            &["--indirect", "--iodepth", "16", "--protocol", "x86_32-abi"][..],
+        ),
+        (
+            2,
+            &[
+                "--indirect",
+                "--persistent",
+                "--queues",
+                "2",
+                "--ring-page-order",
+                "2",
+            ][..],
+        ),
+    ] {
+        let summary = run_front(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid,
+                args,
+                ops: OPS,
+            },
+        );
+        assert_mixed(&summary, true);
+    }
+    serve.stop();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image),
+    );
+    model.check_image(dir.path(), &image, "qcow2");
+}
+
+/// Hostile cases blkfront.c sends with `--expect-error` to a writable backend that offers
+/// indirect requests and discard: 13 direct, 5 indirect, and discard past the end.
+const ERROR_CASES: u64 = 19;
+
+/// The hostile cases of blkfront.c's `--expect-error`, then a verified workload.
+fn expect_error_run(
+    blkfront: &Path,
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    domid: u16,
+    args: &[&str],
+) -> BTreeMap<String, u64> {
+    let mut all = vec!["--expect-error"];
+    all.extend_from_slice(args);
+    run_front(
+        blkfront,
+        dir,
+        serve,
+        model,
+        &Run {
+            domid,
+            args: &all,
+            ops: 200,
+        },
+    )
+}
+
+#[test]
+fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 5);
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    for (domid, args) in [
+        (1, &["--protocol", "x86_64-abi"][..]),
+        (
+            2,
+            &["--protocol", "x86_32-abi", "--persistent", "--indirect"][..],
+        ),
+        (3, &["--ring-page-order", "2", "--indirect"][..]),
+    ] {
+        let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, domid, args);
+        assert_eq!(summary["error_cases"], ERROR_CASES, "{summary:?}");
+        assert!(summary["verified_bytes"] > 0, "{summary:?}");
+    }
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
+}
+
+#[test]
+fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 9);
+    let serve = Serve::start(
+        dir.path(),
+        &image,
+        &["--no-indirect", "--no-discard", "--no-persistent"],
+    );
+    let mut model = Model::default();
+    // 13 direct cases, an indirect request (above the maximum of 0: ERROR) and a discard
+    // (not advertised: EOPNOTSUPP); a frontend offering persistent grants to a backend
+    // that does not use them.
+    let summary = expect_error_run(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        1,
+        &["--persistent"],
+    );
+    assert_eq!(summary["error_cases"], 15, "{summary:?}");
+    assert_eq!(summary["discards"] + summary["indirect"], 0, "{summary:?}");
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 2,
+            args: &["--protocol", "x86_32-abi", "--ring-page-order", "1"],
+            ops: OPS,
+        },
+    );
+    assert_eq!(summary["discards"] + summary["indirect"], 0, "{summary:?}");
+    for kind in ["reads", "writes", "fua_writes", "flushes", "verified_bytes"] {
+        assert!(summary[kind] > 0, "no {kind}: {summary:?}");
+    }
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
+}
+
+#[test]
+fn read_only_disk_refuses_writes_and_serves_reads() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 6);
+    let before = fs::read(&image).unwrap();
+    let serve = Serve::start(dir.path(), &image, &["--read-only"]);
+    let mut model = Model::default();
+    let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, 1, &["--indirect"]);
+    // The usual cases, with a write refused (ERROR) and a discard, which a read-only disk
+    // does not advertise (EOPNOTSUPP), in place of discard past the end.
+    assert_eq!(summary["error_cases"], ERROR_CASES + 1, "{summary:?}");
+    assert_eq!(
+        summary["writes"] + summary["fua_writes"] + summary["discards"],
+        0
+    );
+    assert!(
+        summary["reads"] > 0 && summary["verified_bytes"] > 0,
+        "{summary:?}"
+    );
+    serve.stop();
+    assert!(
+        fs::read(&image).unwrap() == before,
+        "a read-only disk was written"
+    );
+    model.check_image(dir.path(), &image, "raw");
+}
+
+/// Send one control request on a connection of our own; the reply line.
+fn control(serve: &Serve, request: &str) -> String {
+    let mut stream = UnixStream::connect(&serve.control).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    reply
+}
+
+/// What a process holds: open fds, threads, and the /proc/PID/maps lines naming a file.
+#[derive(Debug)]
+struct Holdings {
+    fds: usize,
+    threads: usize,
+    maps: Vec<String>,
+}
+
+impl Holdings {
+    fn of(pid: u32, needle: &str) -> Holdings {
+        let count = |dir: String| fs::read_dir(dir).unwrap().count();
+        Holdings {
+            fds: count(format!("/proc/{pid}/fd")),
+            threads: count(format!("/proc/{pid}/task")),
+            maps: fs::read_to_string(format!("/proc/{pid}/maps"))
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    /// Poll for up to 5 s until `done` holds (threads and fds go away asynchronously);
+    /// the last reading either way.
+    fn settle(pid: u32, needle: &str, done: impl Fn(&Holdings) -> bool) -> Holdings {
+        let start = Instant::now();
+        loop {
+            let now = Holdings::of(pid, needle);
+            if done(&now) || start.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 7);
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let pid = serve.child.id();
+    let mut model = Model::default();
+    // One complete run first, so what serving costs once (engines, pools) is in the
+    // baseline.
+    run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 1,
+            args: &["--indirect"],
+            ops: 200,
+        },
+    );
+    // Idle: whatever the first run's control connection and threads held is gone.
+    std::thread::sleep(Duration::from_millis(200));
+    let base = Holdings::of(pid, "dom7.");
+
+    let stdout = run_ok(
+        Command::new(blkfront)
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--control")
+            .arg(&serve.control)
+            .args(["--domid", "7", "--vanish", "--indirect", "--iodepth", "16"]),
+    );
+    assert!(stdout.contains("vanishing with 16 requests"), "{stdout}");
+    let during = Holdings::of(pid, "dom7.");
+    assert!(
+        !during.maps.is_empty(),
+        "serve maps nothing of the vanished guest: {during:?}"
+    );
+    // On a real host the toolstack tears the device down; here the test does.
+    let reply = control(&serve, r#"{"op":"disconnect"}"#);
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    let after = Holdings::settle(pid, "dom7.", |now| {
+        now.fds == base.fds && now.threads == base.threads && now.maps.is_empty()
+    });
+    assert!(after.maps.is_empty(), "mappings left behind: {after:?}");
+    assert_eq!(after.fds, base.fds, "fds left behind: {after:?}");
+    assert_eq!(
+        after.threads, base.threads,
+        "threads left behind: {after:?}"
+    );
+    let leftover: Vec<_> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+        .filter(|p| {
+            p.to_string_lossy().contains("dom7.") || p.to_string_lossy().contains("evtchn.7.")
+        })
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
+
+    // The device serves the next guest.
+    let summary = run_front(
+        blkfront,
+        dir.path(),
+        &serve,
+        &mut model,
+        &Run {
+            domid: 8,
+            args: &["--indirect"],
+            ops: 500,
+        },
+    );
+    assert_mixed(&summary, true);
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
+}
+
+#[test]
+fn ring_overflow_is_reported_and_the_next_guest_is_served() {
+    let dir = sim_dir();
+    let blkfront = blkfront();
+    let image = dir.path().join("disk.raw");
+    random_raw(&image, 8, 2, 8);
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let mut model = Model::default();
+    for (domid, protocol) in [(1, "x86_64-abi"), (2, "x86_32-abi")] {
+        // A short verified workload, then req_prod a ring and one ahead of the responses;
+        // the C frontend waits for info to carry an error, checks that no bogus slot was
+        // answered, and disconnects.
+        let (summary, stdout) = run_front_output(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid,
+                args: &["--protocol", protocol, "--overflow"],
+                ops: 200,
+            },
+        );
+        assert_mixed(&summary, false);
+        assert!(stdout.contains("cfront: overflow (req_prod"), "{stdout}");
+        let summary = run_front(
+            blkfront,
+            dir.path(),
+            &serve,
+            &mut model,
+            &Run {
+                domid: domid + 10,
+                args: &["--protocol", protocol],
+                ops: 300,
+            },
+        );
+        assert_mixed(&summary, false);
+    }
+    serve.stop();
+    model.check_image(dir.path(), &image, "raw");
 }

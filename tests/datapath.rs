@@ -244,3 +244,90 @@ fn read_only_image_serves_reads_and_refuses_writes() {
     );
     serve.close();
 }
+
+/// Two queues write single neighbouring sectors of the same 4 KiB blocks at the same time.
+/// With O_DIRECT each such write is a read-modify-write of the whole block; without
+/// serializing them across queues one undoes the other.
+#[test]
+fn neighbouring_sector_writes_on_two_queues_both_land() {
+    use ferrotap::blkif::{op, status, Request, RequestBody, Segment, MAX_SEGMENTS_PER_REQUEST};
+    use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
+
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
+    let host = SimHost::new();
+    let serve = host.serve("vbd", &image, &[]);
+    let mut config = FrontConfig::new(host.path().to_path_buf(), serve.control.clone());
+    config.queues = 2;
+    let mut fe = Blkfront::connect(&config).unwrap();
+    const BATCH: u64 = 16;
+    // One granted page per (queue, request in the batch); sector 0 of it holds the data.
+    let mut pages = Vec::new();
+    for _ in 0..2 * BATCH {
+        let mut frame = fe.memory().alloc().unwrap();
+        let gref = fe.grants().alloc_ref().unwrap();
+        fe.grants().grant(gref, frame.gfn(), true).unwrap();
+        frame.fill(0);
+        pages.push((gref, frame));
+    }
+    let pattern = |block: u64, queue: u64| {
+        let mut data = [0u8; 512];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (block as u8) ^ (queue as u8 * 0x55) ^ (i as u8);
+        }
+        data[..8].copy_from_slice(&(block * 8 + queue).to_le_bytes());
+        data
+    };
+    let blocks = 256u64;
+    for batch in 0..blocks / BATCH {
+        for queue in 0..2u64 {
+            for i in 0..BATCH {
+                let block = batch * BATCH + i;
+                let (gref, frame) = &mut pages[(queue * BATCH + i) as usize];
+                frame.write(0, &pattern(block, queue));
+                let mut segments = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
+                segments[0] = Segment {
+                    gref: *gref,
+                    first_sect: 0,
+                    last_sect: 0,
+                };
+                let request = Request {
+                    operation: op::WRITE,
+                    id: block * 2 + queue,
+                    sector: block * 8 + queue,
+                    handle: 0,
+                    body: RequestBody::Direct {
+                        nr_segments: 1,
+                        segments,
+                    },
+                };
+                fe.queue_mut(queue as usize).put_raw(&request).unwrap();
+            }
+        }
+        fe.queue_mut(0).push().unwrap();
+        fe.queue_mut(1).push().unwrap();
+        for queue in 0..2 {
+            for _ in 0..BATCH {
+                let response = fe
+                    .queue_mut(queue)
+                    .wait_raw_response(std::time::Duration::from_secs(10))
+                    .unwrap();
+                assert_eq!(response.status, status::OKAY);
+            }
+        }
+    }
+    drop(fe);
+    serve.close();
+    let disk = std::fs::read(&image).unwrap();
+    for block in 0..blocks {
+        for queue in 0..2 {
+            let sector = (block * 8 + queue) as usize;
+            assert_eq!(
+                &disk[sector * 512..(sector + 1) * 512],
+                &pattern(block, queue)[..],
+                "sector {sector} lost its write"
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
-//! fio on a raw file with the same pattern as ferrotap's jobs: psync (queue depth 1 per
-//! job), one thread per job, each job in its own slice, seeded uniform random offsets.
+//! fio on a raw file with the same pattern as ferrotap's jobs: one thread per job, each job
+//! in its own slice (or all in the whole file), seeded uniform random offsets; psync (queue
+//! depth 1 per job) beside the image layer, io_uring at a queue depth beside the ring.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,7 +25,8 @@ pub fn command(file: &Path, config: &PointConfig) -> Command {
     let mut cmd = Command::new("fio");
     cmd.arg("--name=ferrotap-bench")
         .arg(format!("--filename={}", file.display()))
-        .arg("--ioengine=psync")
+        .arg(format!("--ioengine={}", config.engine.fio_name()))
+        .arg(format!("--iodepth={}", config.iodepth))
         .arg(format!("--direct={}", u8::from(config.direct)))
         // Page-aligned buffers like ferrotap-bench's: fio aligns them only for O_DIRECT,
         // and a misaligned buffer makes buffered 1 MiB copies several times slower.
@@ -35,7 +37,7 @@ pub fn command(file: &Path, config: &PointConfig) -> Command {
         .arg("--thread")
         .arg("--group_reporting")
         .arg(format!("--size={}", config.slice))
-        .arg(format!("--offset_increment={}", config.slice))
+        .arg(format!("--offset_increment={}", config.stride))
         .arg("--norandommap")
         .arg("--randrepeat=1")
         .arg(format!("--randseed={}", config.seed))

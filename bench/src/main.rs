@@ -1,6 +1,8 @@
 //! ferrotap-bench: ferrotap's benchmarks. `image` measures the image layer (raw, VHD,
 //! qcow2; preallocated and empty) beside fio on the same raw file, in one run, on each
 //! backing directory given. `point` is the child process that measures one ferrotap point.
+//! `ring` measures `ferrotap serve` on xensim under the simulated blkfront, beside fio with
+//! io_uring.
 
 #![deny(clippy::unwrap_used)]
 
@@ -10,6 +12,8 @@ mod pattern;
 mod point;
 mod procfs;
 mod report;
+mod ring;
+mod ring_report;
 mod suite;
 
 use clap::Parser;
@@ -19,13 +23,35 @@ use pattern::Workload;
 /// Errors are messages for the person running the benchmark.
 pub type Result<T> = std::result::Result<T, String>;
 
+/// How fio submits: synchronous calls (beside the image layer) or io_uring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngine {
+    Psync,
+    IoUring,
+}
+
+impl IoEngine {
+    pub fn fio_name(self) -> &'static str {
+        match self {
+            IoEngine::Psync => "psync",
+            IoEngine::IoUring => "io_uring",
+        }
+    }
+}
+
 /// The parameters fio and ferrotap share for one measured point.
 #[derive(Debug, Clone)]
 pub struct PointConfig {
     pub workload: Workload,
+    pub engine: IoEngine,
+    /// Requests in flight per job (1 with psync).
+    pub iodepth: u64,
     pub jobs: u64,
-    /// Bytes each job works in; job i owns `[i*slice, (i+1)*slice)`.
+    /// Bytes each job works in, starting at `i*stride` for job i.
     pub slice: u64,
+    /// Distance between the starts of two jobs' ranges: `slice` gives each job its own
+    /// part of the file, 0 lets every job roam the same range.
+    pub stride: u64,
     pub runtime_ms: u64,
     /// Unmeasured time before the measurement (not with `one_pass`), so that every system
     /// starts with its file's kernel structures as warm in the CPU caches as the others'.
@@ -54,6 +80,8 @@ pub struct Measured {
 enum Cli {
     /// The image layer on raw, VHD and qcow2, beside fio on a raw file.
     Image(suite::ImageArgs),
+    /// `ferrotap serve` on xensim under the simulated blkfront, beside fio (io_uring).
+    Ring(ring::RingArgs),
     /// (internal) Measure one ferrotap point and print its totals as JSON.
     #[command(hide = true)]
     Point(point::PointSpec),
@@ -62,6 +90,7 @@ enum Cli {
 fn main() {
     let result = match Cli::parse() {
         Cli::Image(args) => suite::run(&args),
+        Cli::Ring(args) => ring::run(&args),
         Cli::Point(spec) => point::run(&spec).and_then(|result| {
             serde_json::to_string(&result)
                 .map(|line| println!("{line}"))

@@ -1,5 +1,5 @@
-//! What the benchmark learns from /proc (no `unsafe`, no getrusage): per-thread CPU time,
-//! the peak RSS of a child, and the filesystem under a directory.
+//! What the benchmark learns from /proc (no `unsafe`, no getrusage): per-thread and
+//! per-process CPU time, the (peak) RSS of a child, and the filesystem under a directory.
 
 use std::io::Read;
 use std::path::Path;
@@ -21,12 +21,67 @@ pub fn thread_cpu_ns() -> Result<u64> {
 }
 
 /// The peak resident set (VmHWM) of process `pid`, in KiB; `None` once it has exited.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+/// A `kB` line of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...).
+pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// /proc's unit of CPU time (USER_HZ): 100 per second on every Linux ABI that matters.
+const USER_HZ: u64 = 100;
+
+/// CPU time (user + system) that process `pid` and all its threads, live or exited, have
+/// used, in nanoseconds at USER_HZ resolution (10 ms), from /proc/PID/stat.
+pub fn process_cpu_ns(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces or parentheses:
+    // the fields after it start after the last ')'. utime and stime are fields 14 and 15.
+    let after_name = text
+        .rfind(')')
+        .map(|end| &text[end + 1..])
+        .ok_or_else(|| format!("unexpected {path}: {text:?}"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<u64> {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+            .ok_or_else(|| format!("unexpected {path}: {text:?}"))
+    };
+    // fields[0] is field 3 (state): field N is fields[N - 3].
+    Ok((ticks(14 - 3)? + ticks(15 - 3)?) * (1_000_000_000 / USER_HZ))
+}
+
+/// CPU time and times scheduled in, summed over the live threads of process `pid`, from
+/// /proc/PID/task/*/schedstat (nanoseconds on a CPU; timeslices run): precise where
+/// /proc/PID/stat counts 10 ms ticks, but blind to threads that exit in between.
+pub fn threads_schedstat(pid: u32) -> Result<(u64, u64)> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| format!("reading {dir}: {e}"))?;
+    let (mut cpu_ns, mut slices) = (0, 0);
+    for task in tasks.flatten() {
+        // A thread that exits while this runs has no schedstat any more: it counts as none.
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .map_while(|field| field.parse().ok())
+            .collect();
+        let [on_cpu, _waiting, timeslices] = fields[..] else {
+            return Err(format!("unexpected {}: {text:?}", task.path().display()));
+        };
+        cpu_ns += on_cpu;
+        slices += timeslices;
+    }
+    Ok((cpu_ns, slices))
 }
 
 /// What a monitored child printed, and the highest peak RSS seen while it ran.
@@ -122,6 +177,24 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
         assert!(thread_cpu_ns().unwrap() > before, "{x}");
+    }
+
+    #[test]
+    fn process_cpu_time_and_rss_of_this_process() {
+        let pid = std::process::id();
+        let before = process_cpu_ns(pid).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        // Long enough for a few 10 ms ticks, whatever the machine.
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        assert!(process_cpu_ns(pid).unwrap() > before, "{x}");
+        let (cpu_ns, slices) = threads_schedstat(pid).unwrap();
+        assert!(cpu_ns > 0 && slices > 0);
+        let rss = status_kib(pid, "VmRSS").unwrap();
+        assert!(rss > 0 && rss <= peak_rss_kib(pid).unwrap());
+        assert_eq!(status_kib(pid, "NoSuchKey"), None);
     }
 
     #[test]

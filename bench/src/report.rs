@@ -30,7 +30,7 @@ pub struct Row {
     pub iops_rounds: Vec<f64>,
 }
 
-fn round(value: f64, decimals: i32) -> f64 {
+pub fn round(value: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (value * scale).round() / scale
 }
@@ -78,7 +78,7 @@ impl Row {
 /// The median over rounds of `a[round] / b[round]`: each round's systems ran back to back,
 /// so a round pairs figures taken at the same moment of the machine (the lower median for
 /// an even count).
-fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
     let mut ratios: Vec<f64> = a
         .iter()
         .zip(b)
@@ -343,12 +343,17 @@ impl Report {
     }
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))
+        write_json(self, path)
     }
+}
+
+/// `value` as pretty JSON in `path`, creating its directory.
+pub fn write_json(value: &impl Serialize, path: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::pattern::{Rng, State, Workload};
 use crate::point::PointResult;
 use crate::procfs::{filesystem_type, run_monitored};
 use crate::report::{Report, Row, Skip};
-use crate::{fio, Measured, PointConfig, Result};
+use crate::{fio, IoEngine, Measured, PointConfig, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct ImageArgs {
@@ -49,10 +49,10 @@ pub struct ImageArgs {
 }
 
 /// The formats ferrotap is measured on, in table order.
-const FORMATS: [Format; 3] = [Format::Raw, Format::Vhd, Format::Qcow2];
+pub const FORMATS: [Format; 3] = [Format::Raw, Format::Vhd, Format::Qcow2];
 /// Seed of every random pattern, so every system sees the same offsets.
 const SEED: u64 = 0x5eed_f00d;
-const MIB: u64 = 1 << 20;
+pub const MIB: u64 = 1 << 20;
 
 /// A directory the images live in, and how files there are opened.
 pub struct Backing {
@@ -63,7 +63,7 @@ pub struct Backing {
 }
 
 impl Backing {
-    fn probe(dir: &Path) -> Result<Backing> {
+    pub fn probe(dir: &Path) -> Result<Backing> {
         let fs_type = filesystem_type(dir)?;
         let direct = supports_direct_io(dir)?;
         Ok(Backing {
@@ -114,7 +114,13 @@ fn supports_direct_io(dir: &Path) -> Result<bool> {
 }
 
 /// A file of the benchmark's, removed when dropped.
-struct TempFile(PathBuf);
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -356,8 +362,11 @@ fn run_backing(backing: &Backing, plan: &Plan, report: &mut Report) {
         for (p, &(workload, state)) in points.iter().enumerate() {
             let config = PointConfig {
                 workload,
+                engine: IoEngine::Psync,
+                iodepth: 1,
                 jobs: plan.jobs,
                 slice: plan.slice,
+                stride: plan.slice,
                 runtime_ms: plan.runtime_ms,
                 ramp_ms: plan.ramp_ms,
                 one_pass: state.one_pass(workload),
@@ -437,24 +446,8 @@ fn preallocate(
 ) -> BTreeMap<&'static str, TempFile> {
     let mut preallocated = BTreeMap::new();
     for format in FORMATS {
-        let file = backing.file(&format!("preallocated.{}", format.name()));
-        let setup = Instant::now();
-        match create_image(&file, format, plan.size)
-            .and_then(|()| fill_image(&file, format, plan.size, backing.direct))
-            .and_then(|()| {
-                if backing.reads_from_page_cache() {
-                    warm_up(&file, backing.direct)
-                } else {
-                    Ok(())
-                }
-            }) {
-            Ok(()) => {
-                eprintln!(
-                    "   preallocated {} ({} MiB) in {:.1} s",
-                    format,
-                    plan.size / MIB,
-                    setup.elapsed().as_secs_f64()
-                );
+        match preallocated_image(backing, format, plan.size) {
+            Ok(file) => {
                 preallocated.insert(format.name(), file);
             }
             Err(reason) => report.skip(Skip {
@@ -468,6 +461,25 @@ fn preallocate(
         }
     }
     preallocated
+}
+
+/// A fresh image of `format` on `backing`, written in full (every block or cluster
+/// allocated) and, where reads come from the page cache, warmed up.
+pub fn preallocated_image(backing: &Backing, format: Format, size: u64) -> Result<TempFile> {
+    let file = backing.file(&format!("preallocated.{}", format.name()));
+    let setup = Instant::now();
+    create_image(&file, format, size)?;
+    fill_image(&file, format, size, backing.direct)?;
+    if backing.reads_from_page_cache() {
+        warm_up(&file, backing.direct)?;
+    }
+    eprintln!(
+        "   preallocated {} ({} MiB) in {:.1} s",
+        format,
+        size / MIB,
+        setup.elapsed().as_secs_f64()
+    );
+    Ok(file)
 }
 
 /// One measurement of `system`: on the preallocated `file`, or on a fresh image.

@@ -136,6 +136,16 @@ pub(crate) struct Shared {
     pub image: Arc<Image>,
     pub config: DeviceConfig,
     pub stopping: AtomicBool,
+    /// Write requests mapped and not yet answered, over every queue.
+    pub writes_in_flight: AtomicU64,
+    /// Discards waiting for those writes to drain, or running. While non-zero no queue
+    /// starts a write: a discard may free a qcow2 cluster that a write mapped before it,
+    /// and the cluster may then be reused (even for metadata) before that write lands.
+    pub discards_waiting: AtomicU64,
+    /// Held by every write a worker makes. Workers of different queues would otherwise race
+    /// on O_DIRECT read-modify-writes of a shared 4 KiB block (two 512-byte guest writes
+    /// to neighbouring sectors, on two queues) and one would undo the other.
+    pub worker_writes: Mutex<()>,
     /// The first fatal error a queue met (a frontend that broke the ring rules).
     pub failure: Mutex<Option<String>>,
 }
@@ -251,6 +261,9 @@ impl Device {
             image: Arc::clone(&self.image),
             config: self.config.clone(),
             stopping: AtomicBool::new(false),
+            writes_in_flight: AtomicU64::new(0),
+            discards_waiting: AtomicU64::new(0),
+            worker_writes: Mutex::new(()),
             failure: Mutex::new(None),
         });
         // Map and bind every queue before starting any thread, so a bad ref or port fails

@@ -64,6 +64,8 @@ struct Slot {
     flush_after: bool,
     /// A barrier or discard: no other request runs beside it.
     exclusive: bool,
+    /// Counted in `Shared::writes_in_flight` until answered.
+    counted_write: bool,
     buffer: Option<PoolBuffer>,
     /// Persistent pages this request uses, held until it completes.
     pages: Vec<MappedPage>,
@@ -107,6 +109,9 @@ pub(crate) struct QueueThread {
     exclusive_running: bool,
     stopping: bool,
     responses_waiting: bool,
+    /// The deferred request is a write held back by another queue's discard: nothing of
+    /// this queue will wake us when that ends, so sleep briefly instead of indefinitely.
+    waiting_for_discard: bool,
 
     // Scratch space reused across requests (no allocation per request in steady state).
     segments: Vec<Segment>,
@@ -196,6 +201,7 @@ impl QueueThread {
             exclusive_running: false,
             stopping: false,
             responses_waiting: false,
+            waiting_for_discard: false,
             segments: Vec::with_capacity(
                 max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST),
             ),
@@ -237,13 +243,14 @@ impl QueueThread {
             if can_take && self.ring.final_check_for_requests() {
                 continue;
             }
-            let mut timeout = None;
-            if !poll_window.is_zero() {
-                if self.busy_poll(poll_window, can_take)? {
-                    continue;
-                }
-                timeout = None;
+            if !poll_window.is_zero() && self.busy_poll(poll_window, can_take)? {
+                continue;
             }
+            let timeout = if std::mem::take(&mut self.waiting_for_discard) {
+                Some(Duration::from_micros(200))
+            } else {
+                None
+            };
             self.completions.clear();
             let mut completions = std::mem::take(&mut self.completions);
             self.engine.wait(1, timeout, &mut completions)?;
@@ -382,6 +389,7 @@ impl QueueThread {
             phase: Phase::Io,
             flush_after: false,
             exclusive: false,
+            counted_write: false,
             buffer: None,
             pages: Vec::new(),
             copy_back: Vec::new(),
@@ -426,6 +434,10 @@ impl QueueThread {
             ) => (request.operation, request.operation),
             (op::INDIRECT, RequestBody::Indirect { indirect_op, .. }) => {
                 // The response carries the inner operation: Linux blkfront stops on op 6.
+                if !matches!(indirect_op, op::READ | op::WRITE) {
+                    self.respond_now(&request, indirect_op, status::ERROR);
+                    return None;
+                }
                 (indirect_op, indirect_op)
             }
             (op::DISCARD, RequestBody::Discard { .. }) => (op::DISCARD, op::DISCARD),
@@ -460,6 +472,7 @@ impl QueueThread {
 
     fn start_discard(&mut self, request: &Request) {
         let RequestBody::Discard { flag, nr_sectors } = request.body else {
+            self.respond_now(request, op::DISCARD, status::ERROR);
             return;
         };
         if flag & blkif::DISCARD_SECURE != 0 && !self.shared.config.features.discard_secure {
@@ -473,10 +486,40 @@ impl QueueThread {
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
         let slot = self.alloc_slot(request, op::DISCARD);
         self.set_exclusive(slot);
-        let image = Arc::clone(&self.shared.image);
+        let shared = Arc::clone(&self.shared);
         let (offset, len) = (request.sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE);
-        self.submit_job(slot, Box::new(move || image.discard(offset, len)));
+        self.submit_job(
+            slot,
+            Box::new(move || {
+                // New writes on every queue wait while this is non-zero; the ones already
+                // mapped drain (this queue has none: a discard runs alone on its queue).
+                shared.discards_waiting.fetch_add(1, Ordering::SeqCst);
+                while shared.writes_in_flight.load(Ordering::SeqCst) > 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                let result = shared.image.discard(offset, len);
+                shared.discards_waiting.fetch_sub(1, Ordering::SeqCst);
+                result
+            }),
+        );
         self.finish_if_done(slot);
+    }
+
+    /// Count a write request in before it maps anything; false (not counted) while a
+    /// discard waits: the request must wait too. The increment comes before the check, and
+    /// the discard's increment before its check, so one of the two always sees the other.
+    fn enter_write(&mut self) -> bool {
+        self.shared.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.shared.discards_waiting.load(Ordering::SeqCst) > 0 {
+            self.shared.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.waiting_for_discard = true;
+            return false;
+        }
+        true
+    }
+
+    fn leave_write(&mut self) {
+        self.shared.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn set_exclusive(&mut self, slot: usize) {
@@ -586,11 +629,20 @@ impl QueueThread {
             return None;
         }
         let bytes = (total_sectors * SECTOR_SIZE) as usize;
+        let counted_write = !is_read && bytes > 0;
+        if counted_write && !self.enter_write() {
+            return Some(*request);
+        }
         // Buffers first: without them the request waits, untouched.
         let buffer = if self.persistent.is_none() && bytes > 0 {
             match self.pool.alloc(bytes) {
                 Some(buffer) => Some(buffer),
-                None => return Some(*request),
+                None => {
+                    if counted_write {
+                        self.leave_write();
+                    }
+                    return Some(*request);
+                }
             }
         } else {
             None
@@ -616,6 +668,9 @@ impl QueueThread {
             }
         }
         let slot = self.alloc_slot(request, response_op);
+        if let Some(s) = self.slots[slot].as_mut() {
+            s.counted_write = counted_write;
+        }
         if exclusive {
             self.set_exclusive(slot);
         }
@@ -855,14 +910,15 @@ impl QueueThread {
                 _ => {
                     // Allocation, copy-on-write or an unaligned piece: the chain's own
                     // write path, on the worker.
-                    let image = Arc::clone(&image);
+                    let shared = Arc::clone(&self.shared);
                     self.submit_job(
                         slot,
                         Box::new(move || {
                             // SAFETY: the slot keeps `part` alive and unchanged until this
                             // job's result is collected.
                             let data = unsafe { part.as_slice() };
-                            image.write_at(data, at)
+                            let _serialized = shared.worker_writes.lock();
+                            shared.image.write_at(data, at)
                         }),
                     );
                 }
@@ -956,6 +1012,9 @@ impl QueueThread {
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if s.exclusive {
             self.exclusive_running = false;
+        }
+        if s.counted_write {
+            self.leave_write();
         }
         if let Some(buffer) = s.buffer {
             self.pool.free(buffer);

@@ -8,7 +8,13 @@
  *
  *   blkfront --dir DIR --control SOCK [options]            verified random workload
  *   blkfront --dir DIR --control SOCK --expect-error ...   hostile requests, then workload
+ *   blkfront --dir DIR --control SOCK --overflow ...       workload, then req_prod past the ring
+ *   blkfront --dir DIR --control SOCK --vanish ...         fill the ring and die mid-I/O
  *   blkfront --dir DIR --probe                             grant/event-channel probe (no serve)
+ *
+ * It prints one summary line (`cfront: ops=N reads=.. errors=0`) and exits 0, or prints
+ * `cfront: FAIL: <the request and what was wrong>` and exits 1. CFRONT_TRACE=1 logs every
+ * request and response on stderr.
  *
  * Build: gcc -std=c11 -O2 -Wall -Wextra -Werror -o blkfront blkfront.c
  */
@@ -36,7 +42,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,7 +56,7 @@
 #define SECTOR_SIZE 512u
 #define SECTORS_PER_PAGE (PAGE_SIZE / SECTOR_SIZE)
 /* Segments an indirect page holds. */
-#define SEGS_PER_INDIRECT_PAGE (PAGE_SIZE / sizeof(struct blkif_request_segment))
+#define SEGS_PER_INDIRECT_PAGE ((unsigned)(PAGE_SIZE / sizeof(struct blkif_request_segment)))
 /* The largest indirect request this frontend builds (blkif.h's recommended maximum). */
 #define MAX_INDIRECT_SEGS 256u
 #define MAX_QUEUES 4u
@@ -165,6 +170,9 @@ struct options {
     uint64_t span;
     bool expect_error;
     bool probe;
+    bool vanish;
+    bool overflow;
+    bool grow;
     unsigned timeout_ms;
 };
 
@@ -184,7 +192,8 @@ static void usage(void)
     fputs("usage: blkfront --dir DIR (--control SOCK [--domid D] [--protocol x86_64-abi|x86_32-abi]\n"
           "         [--ring-page-order N] [--ops N] [--seed S] [--iodepth N] [--indirect]\n"
           "         [--max-segs N] [--queues N] [--persistent] [--span SECTORS]\n"
-          "         [--model-out FILE] [--expect-error] [--timeout-ms MS] | --probe)\n",
+          "         [--model-out FILE] [--expect-error] [--vanish | --overflow] [--grow]\n"
+          "         [--timeout-ms MS] | --probe)\n",
           stderr);
     exit(2);
 }
@@ -206,7 +215,7 @@ static void parse_options(int argc, char **argv)
     enum {
         O_DIR = 256, O_CONTROL, O_DOMID, O_PROTOCOL, O_ORDER, O_OPS, O_SEED, O_IODEPTH,
         O_INDIRECT, O_MAX_SEGS, O_QUEUES, O_PERSISTENT, O_SPAN, O_MODEL_OUT, O_EXPECT_ERROR,
-        O_PROBE, O_TIMEOUT,
+        O_PROBE, O_TIMEOUT, O_VANISH, O_OVERFLOW, O_GROW,
     };
     static const struct option longopts[] = {
         {"dir", required_argument, NULL, O_DIR},
@@ -226,6 +235,9 @@ static void parse_options(int argc, char **argv)
         {"expect-error", no_argument, NULL, O_EXPECT_ERROR},
         {"probe", no_argument, NULL, O_PROBE},
         {"timeout-ms", required_argument, NULL, O_TIMEOUT},
+        {"vanish", no_argument, NULL, O_VANISH},
+        {"overflow", no_argument, NULL, O_OVERFLOW},
+        {"grow", no_argument, NULL, O_GROW},
         {NULL, 0, NULL, 0},
     };
     int c;
@@ -259,6 +271,9 @@ static void parse_options(int argc, char **argv)
         case O_MODEL_OUT: opt.model_out = optarg; break;
         case O_EXPECT_ERROR: opt.expect_error = true; break;
         case O_PROBE: opt.probe = true; break;
+        case O_VANISH: opt.vanish = true; break;
+        case O_OVERFLOW: opt.overflow = true; break;
+        case O_GROW: opt.grow = true; break;
         case O_TIMEOUT: opt.timeout_ms = (unsigned)parse_u64("timeout-ms", optarg, 600000); break;
         default: usage();
         }
@@ -277,6 +292,7 @@ struct guest {
     uint8_t *mem; /* the whole of dom<D>.mem, MAP_SHARED */
     uint32_t nr_frames;
     uint32_t next_frame;
+    int gnttab_fd;
     grant_entry_v1_t *gnttab;
     uint32_t nr_grefs;
     uint32_t next_gref;
@@ -301,9 +317,11 @@ static void path_in_dir(char *out, size_t size, const char *fmt, ...)
         fail("path %s/%s does not fit in %zu bytes (sun_path)", opt.dir, name, size);
 }
 
-/* Create dom<D>.mem with `frames` frames and dom<D>.gnttab with `grefs` entries, both
- * zeroed (so every entry starts revoked), and map them shared. */
-static void guest_create(uint32_t frames, uint32_t grefs)
+/* Create dom<D>.mem for `frames` frames and dom<D>.gnttab for `grefs` entries, both zeroed
+ * (so every entry starts revoked), and map them shared. The files start with `size_frames`
+ * and `size_grefs` (all of them, unless --grow): the rest is only used after guest_grow. */
+static void guest_create(uint32_t frames, uint32_t grefs, uint32_t size_frames,
+                         uint32_t size_grefs)
 {
     path_in_dir(guest.mem_path, sizeof(guest.mem_path), "dom%u.mem", opt.domid);
     path_in_dir(guest.gnttab_path, sizeof(guest.gnttab_path), "dom%u.gnttab", opt.domid);
@@ -311,7 +329,7 @@ static void guest_create(uint32_t frames, uint32_t grefs)
     guest.mem_fd = open(guest.mem_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (guest.mem_fd < 0)
         fail("create %s: %s", guest.mem_path, strerror(errno));
-    if (ftruncate(guest.mem_fd, (off_t)frames * PAGE_SIZE) != 0)
+    if (ftruncate(guest.mem_fd, (off_t)size_frames * PAGE_SIZE) != 0)
         fail("size %s: %s", guest.mem_path, strerror(errno));
     guest.mem = mmap(NULL, (size_t)frames * PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
                      guest.mem_fd, 0);
@@ -323,15 +341,24 @@ static void guest_create(uint32_t frames, uint32_t grefs)
     int fd = open(guest.gnttab_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (fd < 0)
         fail("create %s: %s", guest.gnttab_path, strerror(errno));
-    if (ftruncate(fd, (off_t)grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
+    if (ftruncate(fd, (off_t)size_grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
         fail("size %s: %s", guest.gnttab_path, strerror(errno));
     guest.gnttab = mmap(NULL, (size_t)grefs * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
                         MAP_SHARED, fd, 0);
     if (guest.gnttab == MAP_FAILED)
         fail("mmap %s: %s", guest.gnttab_path, strerror(errno));
-    close(fd);
+    guest.gnttab_fd = fd;
     guest.nr_grefs = grefs;
     guest.next_gref = FIRST_GREF;
+}
+
+/* Grow both files to their full size (xensim: they may grow while a backend is connected). */
+static void guest_grow(void)
+{
+    if (ftruncate(guest.mem_fd, (off_t)guest.nr_frames * PAGE_SIZE) != 0)
+        fail("grow %s: %s", guest.mem_path, strerror(errno));
+    if (ftruncate(guest.gnttab_fd, (off_t)guest.nr_grefs * (off_t)sizeof(grant_entry_v1_t)) != 0)
+        fail("grow %s: %s", guest.gnttab_path, strerror(errno));
 }
 
 static uint32_t alloc_frame(void)
@@ -761,7 +788,7 @@ typedef void (*response_fn)(struct queue *q, const struct response *rsp);
 static unsigned ring_consume(struct queue *q, response_fn handle)
 {
     unsigned consumed = 0;
-    int more;
+    unsigned more;
     do {
         RING_IDX prod, cons;
         if (opt.proto32) {
@@ -1146,9 +1173,10 @@ static bool generate(struct slot *sl, unsigned slot_index)
             off += len;
         }
         /* Linux sends FUA writes as FLUSH_DISKCACHE (or WRITE_BARRIER) with segments. */
-        uint8_t op = k == K_WRITE ? BLKIF_OP_WRITE
-                     : backend.flush ? BLKIF_OP_FLUSH_DISKCACHE
-                                     : BLKIF_OP_WRITE_BARRIER;
+        uint8_t op = BLKIF_OP_WRITE;
+        if (k == K_FUA_WRITE)
+            op = backend.flush && (!backend.barrier || rng_below(2)) ? BLKIF_OP_FLUSH_DISKCACHE
+                                                                      : BLKIF_OP_WRITE_BARRIER;
         build_rw_request(sl, op, indirect);
     }
     return true;
@@ -1303,6 +1331,71 @@ static void run_workload(uint64_t ops)
     if (stats.ops - start_ops != ops)
         fail("internal: %" PRIu64 " ops completed, %" PRIu64 " submitted", stats.ops - start_ops,
              ops);
+}
+
+/* --vanish: fill the rings, then die without a word (no waiting, no disconnect, the event
+ * channel sockets left behind), as a guest that crashes mid-I/O. */
+static void vanish(void)
+{
+    unsigned next_queue = 0;
+    for (unsigned attempt = 0; attempt < 4 * nr_slots; attempt++) {
+        struct slot *sl = slot_free();
+        if (!sl || ring_free(&queues[next_queue]) == 0)
+            break;
+        if (!generate(sl, (unsigned)(sl - slots)))
+            continue; /* overlaps one in flight: draw another */
+        submit(sl, next_queue);
+        next_queue = (next_queue + 1) % opt.queues;
+    }
+    for (unsigned i = 0; i < opt.queues; i++)
+        ring_push(&queues[i]);
+    printf("cfront: vanishing with %u requests in flight\n", in_flight_total());
+    fflush(stdout);
+    _exit(0);
+}
+
+/* --overflow: publish a req_prod more than a ring ahead of the responses. The backend must
+ * stop serving the ring (no response to a bogus slot) and report it: xensim.md has the
+ * device go Closing with BE/error; over the control socket, info carries an "error". Then
+ * the frontend disconnects, and the caller checks that a new frontend is served. */
+static void overflow_ring(void)
+{
+    struct queue *q = &queues[0];
+    RING_IDX bogus, cons;
+    const RING_IDX *rsp_prod;
+    if (opt.proto32) {
+        blkif_x86_32_front_ring_t *fr = &q->ring.x86_32;
+        bogus = fr->rsp_cons + RING_SIZE(fr) + 1;
+        cons = fr->rsp_cons;
+        rsp_prod = &fr->sring->rsp_prod;
+        __atomic_store_n(&fr->sring->req_prod, bogus, __ATOMIC_RELEASE);
+    } else {
+        blkif_front_ring_t *fr = &q->ring.native;
+        bogus = fr->rsp_cons + RING_SIZE(fr) + 1;
+        cons = fr->rsp_cons;
+        rsp_prod = &fr->sring->rsp_prod;
+        __atomic_store_n(&fr->sring->req_prod, bogus, __ATOMIC_RELEASE);
+    }
+    evtchn_notify(&q->evtchn);
+    uint64_t deadline = now_ms() + opt.timeout_ms;
+    char reply[4096];
+    for (;;) {
+        ctl_call("{\"op\":\"info\"}\n", reply, sizeof(reply));
+        if (strstr(reply, "\"error\""))
+            break;
+        if (now_ms() >= deadline)
+            fail("overflow: req_prod %u, and info reports no error after %u ms: %s", bogus,
+                 opt.timeout_ms, reply);
+        usleep(20000);
+    }
+    RING_IDX prod = __atomic_load_n(rsp_prod, __ATOMIC_ACQUIRE);
+    if (prod != cons)
+        fail("overflow: the backend answered %u bogus requests (rsp_prod %u, rsp_cons %u)",
+             prod - cons, prod, cons);
+    const char *connected = strstr(reply, "\"connected\":");
+    printf("cfront: overflow (req_prod %u) reported, connected=%.5s: %s\n", bogus,
+           connected ? connected + strlen("\"connected\":") : "?", reply);
+    ctl_disconnect();
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1477,6 +1570,34 @@ static void run_expect_error(void)
         good_read("bad-indirect", 0);
     }
 
+    if (backend.max_indirect_segments == 0) {
+        /* Not offered: every segment count is above the advertised maximum of 0. */
+        struct page *ind = &hostile;
+        struct blkif_request_segment *list = (struct blkif_request_segment *)frame_ptr(ind->frame);
+        memset(list, 0, PAGE_SIZE);
+        list[0] = (struct blkif_request_segment){.gref = pg->gref, .first_sect = 0, .last_sect = 7};
+        grant(ind->gref, ind->frame, true);
+        grant(pg->gref, pg->frame, false);
+        r = (struct request){.operation = BLKIF_OP_INDIRECT, .indirect_op = BLKIF_OP_READ,
+                             .nr_segments = 1, .id = next_id(0)};
+        r.indirect_grefs[0] = ind->gref;
+        expect("indirect-not-offered", &r, BLKIF_OP_READ, BLKIF_RSP_ERROR);
+        grant_revoke(ind->gref);
+        good_read("indirect-not-offered", 0);
+    }
+    if (!backend.discard) {
+        r = (struct request){.operation = BLKIF_OP_DISCARD, .id = next_id(0), .sector = 0,
+                             .nr_sectors = 8};
+        expect("discard-not-offered", &r, BLKIF_OP_DISCARD, BLKIF_RSP_EOPNOTSUPP);
+        good_read("discard-not-offered", 0);
+    }
+    if (!backend.barrier) {
+        grant(pg->gref, pg->frame, true);
+        r = one_segment(BLKIF_OP_WRITE_BARRIER, 0, pg->gref, 0, 7);
+        expect("barrier-not-offered", &r, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP);
+        good_read("barrier-not-offered", 0);
+    }
+
     if (backend.discard && !backend.read_only) {
         r = (struct request){.operation = BLKIF_OP_DISCARD, .id = next_id(0),
                              .sector = last_sector, .nr_sectors = 2};
@@ -1490,6 +1611,11 @@ static void run_expect_error(void)
         expect("write-to-read-only-disk", &r, BLKIF_OP_WRITE, BLKIF_RSP_ERROR);
         good_read("write-to-read-only-disk", 0);
     }
+    /* A flood of notifications with nothing on the ring: the backend must shrug it off. */
+    for (unsigned i = 0; i < 5000; i++)
+        evtchn_notify(&queues[0].evtchn);
+    good_read("notification-flood", 0);
+
     /* Leave slot 0's page as the workload expects it. */
     if (opt.persistent)
         grant(pg->gref, pg->frame, false);
@@ -1512,7 +1638,7 @@ static uint8_t probe_pattern(uint32_t gref, size_t i)
 
 static void run_probe(void)
 {
-    guest_create(64, 64);
+    guest_create(64, 64, 64, 64);
     struct evtchn *ev = &queues[0].evtchn;
     evtchn_bind(ev);
     /* Scattered frames; the second below the first, for a two-ref map in ref order. */
@@ -1642,19 +1768,33 @@ int main(int argc, char **argv)
 
     uint32_t ring_frames = opt.queues * (2u << opt.ring_order);
     uint32_t data_frames = opt.iodepth * (segs_per_slot + indirect_pages_per_slot);
-    guest_create(1 + ring_frames + data_frames + 16, FIRST_GREF + ring_frames + data_frames + 16);
+    uint32_t frames = 1 + ring_frames + data_frames + 16;
+    uint32_t grefs = FIRST_GREF + ring_frames + data_frames + 16;
+    if (opt.grow)
+        /* Just the rings at first: frames 1..ring_frames, refs up to their last. */
+        guest_create(frames, grefs, 1 + ring_frames,
+                     FIRST_GREF + (opt.queues << opt.ring_order));
+    else
+        guest_create(frames, grefs, frames, grefs);
     for (unsigned i = 0; i < opt.queues; i++) {
         queue_alloc_ring(&queues[i]);
         evtchn_bind(&queues[i].evtchn);
     }
-    slots_alloc();
-    hostile = (struct page){.frame = alloc_frame(), .gref = alloc_gref()};
 
     ctl_connect();
+    if (opt.grow)
+        guest_grow();
+    slots_alloc();
+    hostile = (struct page){.frame = alloc_frame(), .gref = alloc_gref()};
+    if (opt.vanish)
+        vanish();
     if (opt.expect_error)
         run_expect_error();
     run_workload(opt.ops);
-    ctl_disconnect();
+    if (opt.overflow)
+        overflow_ring();
+    else
+        ctl_disconnect();
     if (opt.model_out)
         write_model();
     cleanup();

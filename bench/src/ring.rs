@@ -1,0 +1,924 @@
+//! The ring benchmark: `ferrotap serve` on a simulated Xen host (xensim), driven by the
+//! simulated blkfront (`ferrotap xensim blkfront`, a process of its own) as load generator,
+//! beside `fio --ioengine=io_uring --direct=1` on the raw file of the same backing, in one
+//! run. Also the idle cost of a serve process, and (`--options`) serve's options compared.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferrotap::image::Format;
+use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
+use serde::Deserialize;
+
+use crate::pattern::Workload;
+use crate::procfs::{peak_rss_kib, process_cpu_ns, run_monitored, threads_schedstat};
+use crate::ring_report::{RingConfig, RingReport, RingSkip};
+use crate::suite::{preallocated_image, Backing, TempFile, MIB};
+use crate::{fio, IoEngine, Measured, PointConfig, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct RingArgs {
+    /// Under two minutes: raw and qcow2 on the first backing, 1 queue, 4 KiB random reads
+    /// at QD1 and QD32 and 1 MiB sequential reads.
+    #[arg(long)]
+    quick: bool,
+    /// Compare serve's options (engine, grant mode, fixed buffers, polling) on random 4 KiB
+    /// and sequential 1 MiB reads of a raw image on the first backing, 1 queue, instead of
+    /// the full matrix.
+    #[arg(long)]
+    options: bool,
+    /// Directory to put the images in (repeat for several backings); default: /dev/shm
+    /// (tmpfs) and /var/tmp (disk).
+    #[arg(long = "dir")]
+    dirs: Vec<PathBuf>,
+    /// Measured time per point and round, in milliseconds (default 1500; 1200 with --quick).
+    #[arg(long)]
+    runtime_ms: Option<u64>,
+    /// Unmeasured run of the same workload just before each measurement, in milliseconds
+    /// (default 300).
+    #[arg(long)]
+    ramp_ms: Option<u64>,
+    /// Rounds per point, the systems taking turns; rows give the median round (default 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=99))]
+    rounds: Option<u64>,
+    /// Virtual size of every image, in MiB (default 1024; 256 with --quick).
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// How long the idle serve process is watched, in milliseconds (default 3000).
+    #[arg(long)]
+    idle_ms: Option<u64>,
+    /// The frontend does not offer feature-persistent (every data page is grant-copied);
+    /// by default it does, as Linux's blkfront does.
+    #[arg(long)]
+    front_copy: bool,
+    /// An extra argument for every `ferrotap serve` of the matrix (repeat), e.g.
+    /// `--serve-arg=--fixed-buffers`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+    /// The ferrotap binary (default: the one built next to ferrotap-bench).
+    #[arg(long)]
+    ferrotap: Option<PathBuf>,
+    /// Where to write the JSON results (default bench/results/ring.json, ring-quick.json
+    /// with --quick, ring-options.json with --options).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Seed of every random pattern (fio gets it too).
+const SEED: u64 = 0x5eed_f00d;
+/// Requests of the x86_64 protocol in one ring page (32 of 112 bytes after the header).
+const REQUESTS_PER_RING_PAGE: u32 = 32;
+/// Idle CPU counts as none up to this: 0.1% of a core is 1 ms a second, the cost of a few
+/// hundred wake-ups; a serve that sleeps shows 0.
+pub const IDLE_CPU_LIMIT_PCT: f64 = 0.1;
+
+/// One access pattern at one queue depth per queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingWorkload {
+    pub pattern: Workload,
+    /// Requests in flight per queue (fio: per job).
+    pub iodepth: u32,
+}
+
+impl RingWorkload {
+    const fn new(pattern: Workload, iodepth: u32) -> RingWorkload {
+        RingWorkload { pattern, iodepth }
+    }
+
+    pub fn name(self) -> String {
+        format!("{}-qd{}", self.pattern.name(), self.iodepth)
+    }
+
+    /// The blkfront's `--workload` for the pattern.
+    fn front_kind(self) -> &'static str {
+        match self.pattern {
+            Workload::RandRead => "randread",
+            Workload::RandWrite => "randwrite",
+            Workload::SeqRead => "seqread",
+            Workload::SeqWrite => "seqwrite",
+        }
+    }
+
+    /// The smallest ring (2^order pages) that holds `iodepth` requests: the blkfront never
+    /// has more requests in flight than its ring has entries.
+    fn ring_page_order(self) -> u32 {
+        let pages = self.iodepth.div_ceil(REQUESTS_PER_RING_PAGE).max(1);
+        pages.next_power_of_two().trailing_zeros()
+    }
+}
+
+const FULL_WORKLOADS: [RingWorkload; 8] = [
+    RingWorkload::new(Workload::RandRead, 1),
+    RingWorkload::new(Workload::RandRead, 32),
+    RingWorkload::new(Workload::RandRead, 128),
+    RingWorkload::new(Workload::RandWrite, 1),
+    RingWorkload::new(Workload::RandWrite, 32),
+    RingWorkload::new(Workload::RandWrite, 128),
+    RingWorkload::new(Workload::SeqRead, 8),
+    RingWorkload::new(Workload::SeqWrite, 8),
+];
+const QUICK_WORKLOADS: [RingWorkload; 3] = [
+    RingWorkload::new(Workload::RandRead, 1),
+    RingWorkload::new(Workload::RandRead, 32),
+    RingWorkload::new(Workload::SeqRead, 8),
+];
+/// The issue asks for 4 KiB random reads at QD32; QD1 shows latency (where polling
+/// matters) and 1 MiB reads what the grant mode costs with 256 segments a request.
+const OPTIONS_WORKLOADS: [RingWorkload; 3] = [
+    RingWorkload::new(Workload::RandRead, 1),
+    RingWorkload::new(Workload::RandRead, 32),
+    RingWorkload::new(Workload::SeqRead, 8),
+];
+
+/// How a ferrotap system is set up: serve's options and the frontend's grant mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// `--engine` (None: serve's default).
+    engine: Option<&'static str>,
+    /// The frontend offers feature-persistent (else serve runs `--no-persistent`).
+    persistent: bool,
+    fixed_buffers: bool,
+    /// `--poll-us` (None: serve's default).
+    poll_us: Option<u64>,
+    /// Other serve arguments, as given.
+    extra: Vec<String>,
+    /// "ferrotap" for the matrix, the options spelled out in the options comparison.
+    label: String,
+}
+
+impl Variant {
+    fn default_settings(persistent: bool, extra: Vec<String>) -> Variant {
+        Variant {
+            engine: None,
+            persistent,
+            fixed_buffers: false,
+            poll_us: None,
+            extra,
+            label: "ferrotap".into(),
+        }
+    }
+
+    fn spelled_out(
+        engine: &'static str,
+        persistent: bool,
+        fixed_buffers: bool,
+        poll_us: u64,
+    ) -> Variant {
+        let grants = if persistent { "persistent" } else { "copy" };
+        let fixed = if fixed_buffers { ",fixed-buffers" } else { "" };
+        Variant {
+            engine: Some(engine),
+            persistent,
+            fixed_buffers,
+            poll_us: Some(poll_us),
+            extra: Vec::new(),
+            label: format!("ferrotap[engine={engine},grants={grants}{fixed},poll-us={poll_us}]"),
+        }
+    }
+
+    /// Every combination worth choosing between: fixed buffers are io_uring's and serve
+    /// only the grant-copy buffers.
+    fn options_grid() -> Vec<Variant> {
+        let mut grid = Vec::new();
+        for poll_us in [0, 50] {
+            for (engine, persistent, fixed) in [
+                ("uring", false, false),
+                ("uring", false, true),
+                ("uring", true, false),
+                ("aio", false, false),
+                ("aio", true, false),
+            ] {
+                grid.push(Variant::spelled_out(engine, persistent, fixed, poll_us));
+            }
+        }
+        grid
+    }
+
+    fn serve_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(engine) = self.engine {
+            args.extend(["--engine".to_string(), engine.to_string()]);
+        }
+        if !self.persistent {
+            args.push("--no-persistent".into());
+        }
+        if self.fixed_buffers {
+            args.push("--fixed-buffers".into());
+        }
+        if let Some(poll_us) = self.poll_us {
+            args.extend(["--poll-us".to_string(), poll_us.to_string()]);
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+/// What is measured at one point: fio on the raw file, or ferrotap on one format.
+#[derive(Debug, Clone)]
+enum System {
+    Fio,
+    Ferrotap(Format, Variant),
+}
+
+impl System {
+    fn label(&self) -> &str {
+        match self {
+            System::Fio => "fio",
+            System::Ferrotap(_, variant) => &variant.label,
+        }
+    }
+
+    fn format(&self) -> Format {
+        match self {
+            System::Fio => Format::Raw,
+            System::Ferrotap(format, _) => *format,
+        }
+    }
+}
+
+/// Sizes, times and binaries of a run.
+pub struct RingPlan {
+    pub ferrotap: PathBuf,
+    pub size: u64,
+    pub runtime_ms: u64,
+    pub ramp_ms: u64,
+    pub rounds: u64,
+    pub idle_ms: u64,
+}
+
+/// A simulated Xen host: a fresh short directory under /dev/shm (its socket paths must fit
+/// in sun_path), removed when dropped.
+struct SimHost(PathBuf);
+
+impl SimHost {
+    fn new() -> Result<SimHost> {
+        for attempt in 0..1000u32 {
+            let dir = PathBuf::from(format!("/dev/shm/xsim.{}.{attempt}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(SimHost(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+            }
+        }
+        Err("no free /dev/shm/xsim.* directory".into())
+    }
+
+    fn control(&self) -> PathBuf {
+        self.0.join("control")
+    }
+}
+
+impl Drop for SimHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ferrotap serve` on a simulated host; closed (or killed) when dropped.
+struct Serve {
+    child: Child,
+    host: SimHost,
+}
+
+/// How long serve may take to open its image and bind its control socket.
+const SERVE_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long serve may take to exit after `close`.
+const SERVE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Serve {
+    fn start(plan: &RingPlan, image: &Path, format: Format, variant: &Variant) -> Result<Serve> {
+        let host = SimHost::new()?;
+        let log = std::fs::File::create(host.0.join("serve.log"))
+            .map_err(|e| format!("creating serve's log: {e}"))?;
+        let mut cmd = Command::new(&plan.ferrotap);
+        cmd.arg("serve")
+            .arg("--image")
+            .arg(image)
+            .args(["--format", format.name()])
+            .arg("--control")
+            .arg(host.control())
+            .arg("--xensim")
+            .arg(&host.0)
+            .args(variant.serve_args())
+            // A failure is reported from the log's last lines: no backtrace there.
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let shown = format!("ferrotap serve {}", variant.serve_args().join(" "));
+        let child = cmd.spawn().map_err(|e| format!("starting {shown}: {e}"))?;
+        let mut serve = Serve { child, host };
+        let started = Instant::now();
+        loop {
+            if UnixStream::connect(serve.host.control()).is_ok() {
+                return Ok(serve);
+            }
+            if let Ok(Some(status)) = serve.child.try_wait() {
+                return Err(format!("{shown} exited ({status}): {}", serve.log_tail()));
+            }
+            if started.elapsed() > SERVE_START_TIMEOUT {
+                return Err(format!("{shown} did not open its control socket"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The end of serve's stderr, for error messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.host.0.join("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
+    /// Ask serve to close, and wait for it to exit.
+    fn close(mut self) -> Result<()> {
+        let reply = control_request(&self.host.control(), r#"{"op":"close"}"#);
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return reply.map(drop),
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "ferrotap serve exited with {status}: {}",
+                        self.log_tail()
+                    ))
+                }
+                Ok(None) if started.elapsed() < SERVE_CLOSE_TIMEOUT => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Ok(None) => return Err("ferrotap serve did not exit after close".into()),
+                Err(e) => return Err(format!("waiting for ferrotap serve: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request line on serve's control socket; its reply line.
+fn control_request(control: &Path, request: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(control)
+        .map_err(|e| format!("connecting to {}: {e}", control.display()))?;
+    stream
+        .set_read_timeout(Some(SERVE_CLOSE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| format!("writing to {}: {e}", control.display()))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reading from {}: {e}", control.display()))?;
+    if reply.contains(r#""ok":true"#) {
+        Ok(reply)
+    } else {
+        Err(format!("serve answered {request} with {}", reply.trim()))
+    }
+}
+
+/// The blkfront's JSON summary (the fields the benchmark uses).
+#[derive(Debug, Deserialize)]
+struct FrontReport {
+    ops: u64,
+    errors: u64,
+    seconds: f64,
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Run the blkfront against `serve` for `seconds`.
+fn run_blkfront(
+    plan: &RingPlan,
+    serve: &Serve,
+    variant: &Variant,
+    workload: RingWorkload,
+    queues: u32,
+    seconds: f64,
+) -> Result<FrontReport> {
+    let mut cmd = Command::new(&plan.ferrotap);
+    cmd.args(["xensim", "blkfront"])
+        .arg("--dir")
+        .arg(&serve.host.0)
+        .arg("--control")
+        .arg(serve.host.control())
+        .args(["--queues", &queues.to_string()])
+        .args(["--ring-page-order", &workload.ring_page_order().to_string()])
+        .args(["--workload", workload.front_kind()])
+        .args(["--block-size", &workload.pattern.block_size().to_string()])
+        .args(["--iodepth", &workload.iodepth.to_string()])
+        .args(["--seconds", &format!("{seconds:.3}")])
+        .args(["--seed", &SEED.to_string()])
+        .args(["--region-bytes", &plan.size.to_string()])
+        .arg("--json")
+        .env("RUST_BACKTRACE", "0");
+    if variant.persistent {
+        cmd.arg("--persistent");
+    }
+    let run = run_monitored(cmd).map_err(|e| format!("{e} (serve: {})", serve.log_tail()))?;
+    let report: FrontReport = serde_json::from_str(run.stdout.trim())
+        .map_err(|e| format!("the blkfront's output {:?}: {e}", run.stdout))?;
+    if report.errors > 0 {
+        return Err(format!(
+            "the blkfront saw {} errors in {} requests (serve: {})",
+            report.errors,
+            report.ops,
+            serve.log_tail()
+        ));
+    }
+    Ok(report)
+}
+
+/// One measurement of ferrotap: a fresh serve on `image`, an unmeasured ramp, then the
+/// measured run, with serve's CPU time over the run and its peak RSS.
+fn measure_ferrotap(
+    plan: &RingPlan,
+    image: &Path,
+    format: Format,
+    variant: &Variant,
+    workload: RingWorkload,
+    queues: u32,
+) -> Result<Measured> {
+    let serve = Serve::start(plan, image, format, variant)?;
+    if plan.ramp_ms > 0 {
+        let ramp = plan.ramp_ms as f64 / 1000.0;
+        run_blkfront(plan, &serve, variant, workload, queues, ramp)?;
+    }
+    let cpu_before = process_cpu_ns(serve.pid())?;
+    let seconds = plan.runtime_ms as f64 / 1000.0;
+    let report = run_blkfront(plan, &serve, variant, workload, queues, seconds)?;
+    if report.ops == 0 {
+        return Err(format!("no request completed in {seconds} s"));
+    }
+    let cpu_ns = process_cpu_ns(serve.pid())? - cpu_before;
+    let peak_kib = peak_rss_kib(serve.pid()).ok_or("serve's /proc/PID/status is gone")?;
+    serve.close()?;
+    Ok(Measured {
+        iops: report.iops,
+        mib_s: report.mib_s,
+        p50_us: report.p50_us,
+        p99_us: report.p99_us,
+        // Over the blkfront's I/O window; the window of the sample also holds its connect
+        // and disconnect, so this errs on the high side.
+        cpu_pct: cpu_ns as f64 / (report.seconds.max(1e-3) * 1e9) * 100.0,
+        rss_mib: peak_kib as f64 / 1024.0,
+    })
+}
+
+/// fio's configuration for the same point: one job per queue at the same depth; random
+/// patterns roam the whole image like the blkfront's queues, sequential jobs each own a
+/// slice like its queues do.
+fn fio_config(
+    plan: &RingPlan,
+    backing: &Backing,
+    workload: RingWorkload,
+    queues: u32,
+) -> PointConfig {
+    let jobs = u64::from(queues);
+    let (slice, stride) = if workload.pattern.is_random() {
+        (plan.size, 0)
+    } else {
+        let slice =
+            plan.size / jobs / workload.pattern.block_size() * workload.pattern.block_size();
+        (slice, slice)
+    };
+    PointConfig {
+        workload: workload.pattern,
+        engine: IoEngine::IoUring,
+        iodepth: u64::from(workload.iodepth),
+        jobs,
+        slice,
+        stride,
+        runtime_ms: plan.runtime_ms,
+        ramp_ms: plan.ramp_ms,
+        one_pass: false,
+        direct: backing.direct,
+        seed: SEED,
+    }
+}
+
+/// Serve with no frontend, or with a frontend connected and sending nothing: its CPU and
+/// wake-ups over `plan.idle_ms` (precise, from its threads' schedstat) and its peak RSS.
+fn measure_idle(plan: &RingPlan, image: &Path, variant: &Variant, connected: bool) -> Result<Idle> {
+    let serve = Serve::start(plan, image, Format::Raw, variant)?;
+    let front = if connected {
+        let config = FrontConfig {
+            persistent: variant.persistent,
+            iodepth: 32,
+            ..FrontConfig::new(serve.host.0.clone(), serve.host.control())
+        };
+        Some(Blkfront::connect(&config).map_err(|e| format!("connecting a blkfront: {e}"))?)
+    } else {
+        None
+    };
+    let info = control_request(&serve.host.control(), r#"{"op":"info"}"#)?;
+    if info.contains(r#""connected":true"#) != connected {
+        return Err(format!("serve's info while idle: {}", info.trim()));
+    }
+    // Let the connection settle (queue threads started, first waits entered).
+    thread::sleep(Duration::from_millis(200));
+    let (cpu_before, slices_before) = threads_schedstat(serve.pid())?;
+    let watched = Instant::now();
+    thread::sleep(Duration::from_millis(plan.idle_ms));
+    let (cpu_after, slices_after) = threads_schedstat(serve.pid())?;
+    let elapsed = watched.elapsed();
+    let cpu_ns = cpu_after.saturating_sub(cpu_before);
+    let wakeups = slices_after.saturating_sub(slices_before);
+    let peak_kib = peak_rss_kib(serve.pid()).ok_or("serve's /proc/PID/status is gone")?;
+    if let Some(mut front) = front {
+        front
+            .disconnect()
+            .map_err(|e| format!("disconnecting the blkfront: {e}"))?;
+    }
+    serve.close()?;
+    let seconds = elapsed.as_secs_f64().max(1e-3);
+    Ok(Idle {
+        measured: Measured {
+            iops: 0.0,
+            mib_s: 0.0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            cpu_pct: cpu_ns as f64 / (seconds * 1e9) * 100.0,
+            rss_mib: peak_kib as f64 / 1024.0,
+        },
+        wakeups_per_s: wakeups as f64 / seconds,
+    })
+}
+
+/// An idle serve's figures.
+struct Idle {
+    measured: Measured,
+    /// Times serve's threads were scheduled in, per second: 0 when it truly sleeps.
+    wakeups_per_s: f64,
+}
+
+/// The ferrotap binary next to ferrotap-bench (run.sh builds both).
+fn default_ferrotap() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating ferrotap-bench: {e}"))?;
+    let bin = exe.with_file_name("ferrotap");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: cargo build --release -p ferrotap (run.sh does)",
+            bin.display()
+        ))
+    }
+}
+
+/// One point of the matrix: a workload at a number of queues on one backing.
+struct Point {
+    workload: RingWorkload,
+    queues: u32,
+}
+
+pub fn run(args: &RingArgs) -> Result<()> {
+    let started = Instant::now();
+    let fio_version = fio::version()?;
+    let mut dirs = if args.dirs.is_empty() {
+        vec![PathBuf::from("/dev/shm"), PathBuf::from("/var/tmp")]
+    } else {
+        args.dirs.clone()
+    };
+    if args.quick || args.options {
+        dirs.truncate(1);
+    }
+    let plan = RingPlan {
+        ferrotap: match &args.ferrotap {
+            Some(path) => path.clone(),
+            None => default_ferrotap()?,
+        },
+        size: args.size_mib.unwrap_or(if args.quick { 256 } else { 1024 }) * MIB,
+        runtime_ms: args
+            .runtime_ms
+            .unwrap_or(if args.quick { 1200 } else { 1500 }),
+        ramp_ms: args.ramp_ms.unwrap_or(300),
+        rounds: args.rounds.unwrap_or(3),
+        idle_ms: args.idle_ms.unwrap_or(3000),
+    };
+    // Sequential jobs each own a whole number of MiB for up to 2 queues.
+    if plan.size < 2 * MIB {
+        return Err("images need at least 2 MiB".into());
+    }
+    let (formats, workloads, queue_counts, variants): (&[Format], &[RingWorkload], &[u32], _) =
+        if args.options {
+            (
+                &[Format::Raw],
+                &OPTIONS_WORKLOADS,
+                &[1],
+                Variant::options_grid(),
+            )
+        } else if args.quick {
+            (
+                &[Format::Raw, Format::Qcow2],
+                &QUICK_WORKLOADS,
+                &[1],
+                vec![Variant::default_settings(
+                    !args.front_copy,
+                    args.serve_args.clone(),
+                )],
+            )
+        } else {
+            (
+                &crate::suite::FORMATS,
+                &FULL_WORKLOADS,
+                &[1, 2],
+                vec![Variant::default_settings(
+                    !args.front_copy,
+                    args.serve_args.clone(),
+                )],
+            )
+        };
+    let out = args.out.clone().unwrap_or_else(|| {
+        let name = if args.options {
+            "ring-options.json"
+        } else if args.quick {
+            "ring-quick.json"
+        } else {
+            "ring.json"
+        };
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(name)
+    });
+    let mut report = RingReport::new(RingConfig {
+        fio: fio_version,
+        mode: if args.options {
+            "options"
+        } else if args.quick {
+            "quick"
+        } else {
+            "full"
+        },
+        image_size_mib: plan.size / MIB,
+        runtime_ms: plan.runtime_ms,
+        ramp_ms: plan.ramp_ms,
+        rounds: plan.rounds,
+        idle_ms: plan.idle_ms,
+        front_persistent: !args.front_copy,
+        serve_args: args.serve_args.clone(),
+        seed: SEED,
+        qcow2: "compat 1.1 (v3), 64 KiB clusters",
+        vhd: "dynamic, 2 MiB blocks",
+    });
+    let points: Vec<Point> = workloads
+        .iter()
+        .flat_map(|&workload| {
+            queue_counts
+                .iter()
+                .map(move |&queues| Point { workload, queues })
+        })
+        .collect();
+    let mut systems = vec![System::Fio];
+    for variant in &variants {
+        systems.extend(
+            formats
+                .iter()
+                .map(|&f| System::Ferrotap(f, variant.clone())),
+        );
+    }
+    for dir in &dirs {
+        let backing = Backing::probe(dir)?;
+        eprintln!(
+            "== {} ({}): {}",
+            backing.label(),
+            backing.fs_type,
+            if backing.direct {
+                "O_DIRECT for every system"
+            } else {
+                "no O_DIRECT here: buffered I/O for every system"
+            }
+        );
+        run_backing(&plan, &backing, formats, &points, &systems, &mut report);
+        report.add_backing(&backing);
+    }
+    if !args.options {
+        let first = Backing::probe(&dirs[0])?;
+        run_idle(&plan, &first, args, &mut report);
+    }
+    report.finish();
+    print!("{}", report.render());
+    report.write_json(&out)?;
+    println!(
+        "results: {} ({:.0} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_backing(
+    plan: &RingPlan,
+    backing: &Backing,
+    formats: &[Format],
+    points: &[Point],
+    systems: &[System],
+    report: &mut RingReport,
+) {
+    // measured[point][system]: one entry per round that succeeded.
+    let mut measured = vec![vec![Vec::<Measured>::new(); systems.len()]; points.len()];
+    let mut failed = vec![vec![false; systems.len()]; points.len()];
+    for round in 1..=plan.rounds {
+        // Fresh images every round: on tmpfs the same syscalls cost up to ~15% more or less
+        // from one file to another, so the median over rounds is also one over files.
+        let mut images: Vec<(Format, TempFile)> = Vec::new();
+        for &format in formats {
+            match preallocated_image(backing, format, plan.size) {
+                Ok(file) => images.push((format, file)),
+                Err(reason) => report.skip(RingSkip {
+                    system: "ferrotap".into(),
+                    workload: None,
+                    format: format.name(),
+                    backing: backing.label(),
+                    queues: None,
+                    reason,
+                }),
+            }
+        }
+        for (p, point) in points.iter().enumerate() {
+            for (s, system) in systems.iter().enumerate() {
+                let Some((_, image)) = images.iter().find(|(f, _)| *f == system.format()) else {
+                    continue; // could not be made; the skip says why
+                };
+                if failed[p][s] {
+                    continue;
+                }
+                let result = match system {
+                    System::Fio => fio::run(
+                        image.path(),
+                        &fio_config(plan, backing, point.workload, point.queues),
+                    ),
+                    System::Ferrotap(format, variant) => measure_ferrotap(
+                        plan,
+                        image.path(),
+                        *format,
+                        variant,
+                        point.workload,
+                        point.queues,
+                    ),
+                };
+                match result {
+                    Ok(m) => {
+                        eprintln!(
+                            "   [{round}/{}] {:<8} {:<5} {:<16} q{} {:>9.0} IOPS {:>8.1} MiB/s p99 {:>8.1} µs CPU {:>5.1}% RSS {:>5.1} MiB",
+                            plan.rounds,
+                            system.label(),
+                            system.format().name(),
+                            point.workload.name(),
+                            point.queues,
+                            m.iops,
+                            m.mib_s,
+                            m.p99_us,
+                            m.cpu_pct,
+                            m.rss_mib
+                        );
+                        measured[p][s].push(m);
+                    }
+                    Err(reason) => {
+                        eprintln!(
+                            "   {} {} {} q{}: FAILED: {reason}",
+                            system.label(),
+                            system.format().name(),
+                            point.workload.name(),
+                            point.queues
+                        );
+                        failed[p][s] = true;
+                        report.skip(RingSkip {
+                            system: system.label().to_string(),
+                            workload: Some(point.workload.name()),
+                            format: system.format().name(),
+                            backing: backing.label(),
+                            queues: Some(point.queues),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for (p, point) in points.iter().enumerate() {
+        for (s, system) in systems.iter().enumerate() {
+            // A system that failed in any round gets no row (its skip entry says why).
+            if !failed[p][s] && !measured[p][s].is_empty() {
+                report.add(
+                    system.label(),
+                    point.workload.name(),
+                    Some(point.workload.iodepth),
+                    system.format(),
+                    backing,
+                    point.queues,
+                    &measured[p][s],
+                );
+            }
+        }
+    }
+}
+
+/// The idle rows: serve on a raw image with no frontend, and with one connected that sends
+/// nothing, at serve's default settings (no polling) and, in the full run, with a polling
+/// window (which must not turn into spinning while nothing happens).
+fn run_idle(plan: &RingPlan, backing: &Backing, args: &RingArgs, report: &mut RingReport) {
+    let image = match preallocated_image(backing, Format::Raw, plan.size) {
+        Ok(image) => image,
+        Err(reason) => {
+            report.skip(RingSkip {
+                system: "ferrotap".into(),
+                workload: Some("idle".into()),
+                format: Format::Raw.name(),
+                backing: backing.label(),
+                queues: None,
+                reason,
+            });
+            return;
+        }
+    };
+    let default = Variant::default_settings(!args.front_copy, args.serve_args.clone());
+    let mut cases = vec![(default.clone(), false), (default.clone(), true)];
+    if !args.quick {
+        let mut polling = default;
+        polling.poll_us = Some(50);
+        polling.label = "ferrotap[poll-us=50]".into();
+        cases.push((polling, true));
+    }
+    for (variant, connected) in cases {
+        let workload = if connected { "idle-connected" } else { "idle" };
+        match measure_idle(plan, image.path(), &variant, connected) {
+            Ok(idle) => {
+                let m = idle.measured;
+                eprintln!(
+                    "   {:<20} {workload:<16} CPU {:.3}% ({:.1} wake-ups/s) RSS {:.1} MiB",
+                    variant.label, m.cpu_pct, idle.wakeups_per_s, m.rss_mib
+                );
+                report.add(
+                    &variant.label,
+                    workload.into(),
+                    None,
+                    Format::Raw,
+                    backing,
+                    1,
+                    &[m],
+                );
+                report.set_wakeups(idle.wakeups_per_s);
+            }
+            Err(reason) => report.skip(RingSkip {
+                system: variant.label.clone(),
+                workload: Some(workload.into()),
+                format: Format::Raw.name(),
+                backing: backing.label(),
+                queues: Some(1),
+                reason,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_hold_the_queue_depth() {
+        let order = |iodepth| RingWorkload::new(Workload::RandRead, iodepth).ring_page_order();
+        assert_eq!(order(1), 0);
+        assert_eq!(order(32), 0);
+        assert_eq!(order(33), 1);
+        assert_eq!(order(128), 2);
+        assert_eq!(order(129), 3);
+    }
+
+    #[test]
+    fn options_spell_out_serve_arguments() {
+        let grid = Variant::options_grid();
+        assert_eq!(grid.len(), 10);
+        let aio = Variant::spelled_out("aio", false, false, 50);
+        assert_eq!(aio.label, "ferrotap[engine=aio,grants=copy,poll-us=50]");
+        assert_eq!(
+            aio.serve_args(),
+            ["--engine", "aio", "--no-persistent", "--poll-us", "50"]
+        );
+        let fixed = Variant::spelled_out("uring", false, true, 0);
+        assert!(fixed.serve_args().contains(&"--fixed-buffers".to_string()));
+        let default = Variant::default_settings(true, vec!["--pool-kib".into(), "1024".into()]);
+        assert_eq!(default.serve_args(), ["--pool-kib", "1024"]);
+        assert_eq!(
+            RingWorkload::new(Workload::SeqRead, 8).name(),
+            "read-1m-qd8"
+        );
+    }
+}
