@@ -174,6 +174,16 @@ impl QueueThread {
         if config.register_buffers {
             engine.register_buffers(&[pool.region()])?;
         }
+        // The chain's files stay open as long as the device (Shared holds the image), which
+        // outlives this thread and its engine.
+        let fds: Vec<_> = setup
+            .shared
+            .image
+            .layers()
+            .iter()
+            .map(|layer| layer.file().raw_fd())
+            .collect();
+        engine.register_files(&fds)?;
         let worker = Worker::spawn(format!("ferrotap-w{}", setup.index))?;
         let image = &setup.shared.image;
         Ok(QueueThread {
