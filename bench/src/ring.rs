@@ -27,12 +27,12 @@ pub struct RingArgs {
     #[arg(long)]
     quick: bool,
     /// Compare serve's options (engine, grant mode, fixed buffers, polling) on random 4 KiB
-    /// and sequential 1 MiB reads of a raw image on the first backing, 1 queue, instead of
-    /// the full matrix.
+    /// and sequential 1 MiB reads of a raw image, 1 queue, instead of the full matrix: on
+    /// the first default backing (tmpfs), or on every `--dir` given.
     #[arg(long)]
     options: bool,
     /// Directory to put the images in (repeat for several backings); default: /dev/shm
-    /// (tmpfs) and /var/tmp (disk).
+    /// (tmpfs) and /var/tmp (disk); --quick uses the first only.
     #[arg(long = "dir")]
     dirs: Vec<PathBuf>,
     /// Measured time per point and round, in milliseconds (default 1500; 1200 with --quick).
@@ -596,7 +596,9 @@ pub fn run(args: &RingArgs) -> Result<()> {
     } else {
         args.dirs.clone()
     };
-    if args.quick || args.options {
+    // The quick run keeps to one backing; the options comparison to the first unless
+    // backings are named.
+    if args.quick || (args.options && args.dirs.is_empty()) {
         dirs.truncate(1);
     }
     let plan = RingPlan {

@@ -19,7 +19,7 @@ use super::{QueueStats, Shared};
 use crate::blkif::ring::{ring_entries, BackRing};
 use crate::blkif::{
     self, decode_indirect_segments, op, status, Protocol, Request, RequestBody, Response, Segment,
-    PAGE_SIZE, SECTOR_SIZE,
+    MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE, SECTOR_SIZE,
 };
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::Result;
@@ -174,6 +174,16 @@ impl QueueThread {
         if config.register_buffers {
             engine.register_buffers(&[pool.region()])?;
         }
+        // The chain's files stay open as long as the device (Shared holds the image), which
+        // outlives this thread and its engine.
+        let fds: Vec<_> = setup
+            .shared
+            .image
+            .layers()
+            .iter()
+            .map(|layer| layer.file().raw_fd())
+            .collect();
+        engine.register_files(&fds)?;
         let worker = Worker::spawn(format!("ferrotap-w{}", setup.index))?;
         let image = &setup.shared.image;
         Ok(QueueThread {
@@ -636,8 +646,12 @@ impl QueueThread {
         if counted_write && !self.enter_write() {
             return Some(*request);
         }
-        // Buffers first: without them the request waits, untouched.
-        let buffer = if self.persistent.is_none() && bytes > 0 {
+        // Buffers first: without them the request waits, untouched. Persistent mappings
+        // serve direct requests; an indirect one (up to 256 pages) would churn the LRU,
+        // which blkif.h bounds at RING_SIZE x 11 pages, with a map and an unmap per page,
+        // so its pages are copied like a non-persistent frontend's.
+        let copy = self.persistent.is_none() || self.segments.len() > MAX_SEGMENTS_PER_REQUEST;
+        let buffer = if copy && bytes > 0 {
             match self.pool.alloc(bytes) {
                 Some(buffer) => Some(buffer),
                 None => {

@@ -56,6 +56,13 @@ pub trait Engine {
     /// buffers where the engine has them. Call once, before any `push`.
     fn register_buffers(&mut self, regions: &[(*mut u8, usize)]) -> Result<()>;
 
+    /// Make later ops on these fds use registered files where the engine has them (saves
+    /// the kernel a file lookup per op). The fds must stay open, and keep naming the same
+    /// files, for the engine's lifetime. Call once, before any `push`.
+    fn register_files(&mut self, _fds: &[RawFd]) -> Result<()> {
+        Ok(())
+    }
+
     /// Queue `op`; it is submitted by the next `wait` (or earlier when the queue fills).
     ///
     /// # Safety

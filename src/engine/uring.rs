@@ -57,6 +57,8 @@ pub struct UringEngine {
     /// Completions reaped early (by `push` making room) and not yet returned by `wait`.
     ready: Vec<Completion>,
     fixed: Vec<FixedRegion>,
+    /// Registered files, by index.
+    files: Vec<RawFd>,
     busy_poll: Duration,
 }
 
@@ -86,6 +88,7 @@ impl UringEngine {
             ready_ops: 0,
             ready: Vec::with_capacity(capacity),
             fixed: Vec::new(),
+            files: Vec::new(),
             busy_poll: Duration::ZERO,
         })
     }
@@ -94,6 +97,16 @@ impl UringEngine {
     /// registration was refused for lack of locked memory or permission).
     pub fn fixed_buffers(&self) -> bool {
         !self.fixed.is_empty()
+    }
+
+    /// Whether ops on registered fds name them by index (false when the kernel refused).
+    pub fn registered_files(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// The registered-file index of `fd`, if it was registered.
+    fn file_index(&self, fd: RawFd) -> Option<u32> {
+        self.files.iter().position(|&f| f == fd).map(|i| i as u32)
     }
 
     fn cq_capacity(&self) -> usize {
@@ -296,6 +309,20 @@ impl Engine for UringEngine {
         }
     }
 
+    fn register_files(&mut self, fds: &[RawFd]) -> Result<()> {
+        if fds.is_empty() || !self.files.is_empty() {
+            return Ok(());
+        }
+        match self.ring.submitter().register_files(fds) {
+            Ok(()) => {
+                self.files = fds.to_vec();
+                Ok(())
+            }
+            // Registration is an optimisation: without it ops name the fd itself.
+            Err(_) => Ok(()),
+        }
+    }
+
     unsafe fn push(&mut self, token: u64, op: Op) -> Result<()> {
         let entry = match op {
             Op::Read {
@@ -305,11 +332,20 @@ impl Engine for UringEngine {
                 len,
             } => {
                 check_len(len)?;
-                match self.fixed_index(buf as usize, len) {
-                    Some(index) => opcode::ReadFixed::new(types::Fd(fd), buf, len, index)
+                let fixed_buf = self.fixed_index(buf as usize, len);
+                match (self.file_index(fd), fixed_buf) {
+                    (Some(file), Some(index)) => {
+                        opcode::ReadFixed::new(types::Fixed(file), buf, len, index)
+                            .offset(offset)
+                            .build()
+                    }
+                    (Some(file), None) => opcode::Read::new(types::Fixed(file), buf, len)
                         .offset(offset)
                         .build(),
-                    None => opcode::Read::new(types::Fd(fd), buf, len)
+                    (None, Some(index)) => opcode::ReadFixed::new(types::Fd(fd), buf, len, index)
+                        .offset(offset)
+                        .build(),
+                    (None, None) => opcode::Read::new(types::Fd(fd), buf, len)
                         .offset(offset)
                         .build(),
                 }
@@ -321,18 +357,30 @@ impl Engine for UringEngine {
                 len,
             } => {
                 check_len(len)?;
-                match self.fixed_index(buf as usize, len) {
-                    Some(index) => opcode::WriteFixed::new(types::Fd(fd), buf, len, index)
+                let fixed_buf = self.fixed_index(buf as usize, len);
+                match (self.file_index(fd), fixed_buf) {
+                    (Some(file), Some(index)) => {
+                        opcode::WriteFixed::new(types::Fixed(file), buf, len, index)
+                            .offset(offset)
+                            .build()
+                    }
+                    (Some(file), None) => opcode::Write::new(types::Fixed(file), buf, len)
                         .offset(offset)
                         .build(),
-                    None => opcode::Write::new(types::Fd(fd), buf, len)
+                    (None, Some(index)) => opcode::WriteFixed::new(types::Fd(fd), buf, len, index)
+                        .offset(offset)
+                        .build(),
+                    (None, None) => opcode::Write::new(types::Fd(fd), buf, len)
                         .offset(offset)
                         .build(),
                 }
             }
-            Op::Fsync { fd } => opcode::Fsync::new(types::Fd(fd))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            Op::Fsync { fd } => match self.file_index(fd) {
+                Some(file) => opcode::Fsync::new(types::Fixed(file)),
+                None => opcode::Fsync::new(types::Fd(fd)),
+            }
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         };
         self.queue(entry, token, false)
     }
