@@ -4,6 +4,9 @@
  *       writes known patterns with O_DIRECT (4 KiB, sub-page, 1 MiB, 8 MiB from one process per
  *       vCPU so that every blk-mq queue carries requests), fsyncs, discards one region, reads
  *       everything back with O_DIRECT and compares; prints "DOMU: RESULT PASS|FAIL".
+ *   ftcheck readonly DEV (in the domU, on a read-only VBD holding what `guest` wrote)
+ *       the disk is read-only to the guest, every write attempt fails, and the patterns
+ *       `guest` wrote read back with O_DIRECT; prints "DOMU: RESULT PASS|FAIL".
  *   ftcheck verify FILE  (in dom0, on the raw image file, or on a raw export of a qcow2)
  *       checks the same patterns at the same offsets in the file, the discarded region reads
  *       as zeros, untouched regions are zeros; prints "VERIFY: RESULT PASS|FAIL".
@@ -271,6 +274,47 @@ static int guest(const char *dev)
     return failures != 0;
 }
 
+/* Everything `guest` leaves on the disk, read through fd (a file or the block device). */
+static void check_all(int fd)
+{
+    for (size_t i = 0; i < sizeof written / sizeof written[0]; i++)
+        check(fd, written[i].name, written[i].off, written[i].len, written[i].seed,
+              written[i].buf_offset);
+    check(fd, "8MiB@32MiB", PAR_OFF, PAR_CHUNKS * PAR_CHUNK, PAR_SEED, 0);
+    check(fd, "1MiB@96MiB after discard", DISCARD_OFF, DISCARD_LEN, 0, 0);
+    for (size_t i = 0; i < sizeof untouched / sizeof untouched[0]; i++)
+        check(fd, untouched[i].name, untouched[i].off, untouched[i].len, 0, 0);
+}
+
+static int readonly(const char *dev)
+{
+    show_sysfs("ro");
+    show_sysfs("size");
+    int fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd >= 0) {
+        /* Some kernels let the open through; the write itself must fail then. */
+        uint8_t *buf = alloc_buf(4096);
+        fill(buf, 1 * MIB, 4096, 99);
+        ssize_t n = pwrite(fd, buf, 4096, (off_t)(1 * MIB));
+        if (n >= 0)
+            fail("a 4 KiB write to the read-only disk returned %zd", n);
+        else
+            say("write to the read-only disk refused: %s", strerror(errno));
+        free(buf);
+        close(fd);
+    } else {
+        say("open for writing refused: %s", strerror(errno));
+    }
+    fd = open(dev, O_RDONLY | O_DIRECT);
+    if (fd < 0) {
+        fail("open %s O_RDONLY|O_DIRECT: %s", dev, strerror(errno));
+        return 1;
+    }
+    check_all(fd);
+    close(fd);
+    return failures != 0;
+}
+
 static int verify(const char *path)
 {
     int fd = open(path, O_RDONLY);
@@ -278,12 +322,7 @@ static int verify(const char *path)
         fail("open %s: %s", path, strerror(errno));
         return 1;
     }
-    for (size_t i = 0; i < sizeof written / sizeof written[0]; i++)
-        check(fd, written[i].name, written[i].off, written[i].len, written[i].seed, 0);
-    check(fd, "8MiB@32MiB", PAR_OFF, PAR_CHUNKS * PAR_CHUNK, PAR_SEED, 0);
-    check(fd, "1MiB@96MiB after discard", DISCARD_OFF, DISCARD_LEN, 0, 0);
-    for (size_t i = 0; i < sizeof untouched / sizeof untouched[0]; i++)
-        check(fd, untouched[i].name, untouched[i].off, untouched[i].len, 0, 0);
+    check_all(fd);
     /* A discard on a raw file punches a hole: no data in the discarded range. */
     off_t data = lseek(fd, (off_t)DISCARD_OFF, SEEK_DATA);
     if (data < 0 && errno != ENXIO)
@@ -304,12 +343,17 @@ int main(int argc, char **argv)
         say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
         return rc;
     }
+    if (argc == 3 && strcmp(argv[1], "readonly") == 0) {
+        int rc = readonly(argv[2]);
+        say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
+        return rc;
+    }
     if (argc == 3 && strcmp(argv[1], "verify") == 0) {
         prefix = "VERIFY";
         int rc = verify(argv[2]);
         say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
         return rc;
     }
-    fprintf(stderr, "usage: ftcheck guest DEV | ftcheck verify FILE\n");
+    fprintf(stderr, "usage: ftcheck guest DEV | ftcheck readonly DEV | ftcheck verify FILE\n");
     return 2;
 }

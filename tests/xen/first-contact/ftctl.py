@@ -3,9 +3,10 @@
 
 ftctl.py call SOCK JSON            send one request to `ferrotap serve`'s control socket,
                                    print the reply; exit 1 when it is not ok
-ftctl.py check-stats OUTDIR        judge OUTDIR/stats.json (serve's stats just before the
+ftctl.py check-stats OUTDIR MODE   judge OUTDIR/stats.json (serve's stats just before the
                                    disconnect) against OUTDIR/negotiated.json and the guest's
-                                   workload; prints "STATS: ..." lines, exit 1 on a failure
+                                   workload (MODE: ftcheck's guest or readonly); prints
+                                   "STATS: ..." lines, exit 1 on a failure
 """
 import json
 import os
@@ -16,6 +17,9 @@ import sys
 # pinned writers + the 1 MiB later discarded; it reads all of them back and two zero regions.
 MIN_WRITTEN = 4096 + 4096 + 1024 + (1 << 20) + (8 << 20) + (1 << 20)
 MIN_READ = MIN_WRITTEN + (1 << 20) + (1 << 20) + 4096
+# readonly mode reads what guest mode left: the written regions, the discarded and the two
+# untouched ones.
+MIN_READ_RO = MIN_WRITTEN + (1 << 20) + 4096
 
 
 def call(sock_path, request):
@@ -25,7 +29,7 @@ def call(sock_path, request):
         return json.loads(s.makefile("r").readline())
 
 
-def check_stats(outdir):
+def check_stats(outdir, mode):
     failures = []
     with open(os.path.join(outdir, "negotiated.json")) as f:
         negotiated = json.load(f)
@@ -51,14 +55,21 @@ def check_stats(outdir):
     for key in ("errors", "unsupported", "in_flight"):
         if total(key) != 0:
             failures.append("%s = %d" % (key, total(key)))
-    if total("bytes_written") < MIN_WRITTEN:
-        failures.append("bytes_written %d < %d" % (total("bytes_written"), MIN_WRITTEN))
-    if total("bytes_read") < MIN_READ:
-        failures.append("bytes_read %d < %d" % (total("bytes_read"), MIN_READ))
-    if total("flushes") == 0:
-        failures.append("no flush served (the guest fsynced)")
-    if total("discards") == 0:
-        failures.append("no discard served (the guest issued BLKDISCARD)")
+    if mode == "readonly":
+        for key in ("writes", "bytes_written", "discards"):
+            if total(key) != 0:
+                failures.append("%s = %d on a read-only disk" % (key, total(key)))
+        if total("bytes_read") < MIN_READ_RO:
+            failures.append("bytes_read %d < %d" % (total("bytes_read"), MIN_READ_RO))
+    else:
+        if total("bytes_written") < MIN_WRITTEN:
+            failures.append("bytes_written %d < %d" % (total("bytes_written"), MIN_WRITTEN))
+        if total("bytes_read") < MIN_READ:
+            failures.append("bytes_read %d < %d" % (total("bytes_read"), MIN_READ))
+        if total("flushes") == 0:
+            failures.append("no flush served (the guest fsynced)")
+        if total("discards") == 0:
+            failures.append("no discard served (the guest issued BLKDISCARD)")
     if negotiated.get("persistent") and total("persistent_grants") == 0:
         failures.append("persistent grants negotiated but none kept")
     if not negotiated.get("persistent") and total("persistent_grants") != 0:
@@ -74,8 +85,8 @@ def main():
         reply = call(sys.argv[2], sys.argv[3])
         print(json.dumps(reply))
         return 0 if reply.get("ok") else 1
-    if len(sys.argv) == 3 and sys.argv[1] == "check-stats":
-        return check_stats(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "check-stats":
+        return check_stats(sys.argv[2], sys.argv[3])
     print(__doc__, file=sys.stderr)
     return 2
 

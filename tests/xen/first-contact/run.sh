@@ -6,18 +6,21 @@
 
 FTX=/lab/extra
 
-# ft_case NAME IMAGE FORMAT BLKFRONT_PARAMS VCPUS MEMORY_MIB
+# ft_case NAME IMAGE FORMAT BLKFRONT_PARAMS VCPUS MEMORY_MIB MODE [SERVE_ARGS...]
 #   serves IMAGE to a new domu1 with xen-blkfront loaded with BLKFRONT_PARAMS (a=1,b=2),
-#   runs ftcheck in the guest, then checks the image from dom0 and serve's stats.
+#   runs `ftcheck MODE` in the guest (guest: the read/write workload; readonly: a read-only
+#   VBD holding what guest left), then checks the image from dom0 and serve's stats.
 ft_case() {
-  name=$1; img=$2; fmt=$3; params=$4; vcpus=$5; mem=$6
+  name=$1; img=$2; fmt=$3; params=$4; vcpus=$5; mem=$6; mode=$7; shift 7
+  vbdmode=w; [ $mode = readonly ] && vbdmode=r
   out=/run/ft-$name; rm -rf $out; mkdir -p $out
   fails=""
-  T "=== first-contact case $name: $fmt image $img, blkfront $params, $vcpus vCPUs, $mem MiB ==="
+  T "=== first-contact case $name: $fmt image $img, blkfront $params, $vcpus vCPUs, $mem MiB, ftcheck $mode, serve $* ==="
+  sum_before=$(md5sum < $img)
   ctl=/run/ft-$name.ctl
   mkfifo $out/serve.fifo
   sed -u 's/^/FERROTAP: /' < $out/serve.fifo &
-  RUST_BACKTRACE=1 $FTX/ferrotap serve --image $img --control $ctl --max-queues 2 \
+  RUST_BACKTRACE=1 $FTX/ferrotap serve --image $img --control $ctl --max-queues 2 "$@" \
       > $out/serve.fifo 2>&1 &
   ftpid=$!
   i=0; while [ ! -S $ctl ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -25,12 +28,12 @@ ft_case() {
 
   mkcfg ""
   sed -i "s/^vcpus = .*/vcpus = $vcpus/; s/^memory = .*/memory = $mem/" /run/domu.cfg
-  sed -i "s#^extra = \"\(.*\)\"#extra = \"\1 ftblk=$params\"#" /run/domu.cfg
+  sed -i "s#^extra = \"\(.*\)\"#extra = \"\1 ftblk=$params ftmode=$mode\"#" /run/domu.cfg
   T "xl create -p"; xl create -p /run/domu.cfg; T "xl create rc=$?"
   D=$(xl domid domu1); DEV=51712
   BE=/local/domain/0/backend/vbd3/$D/$DEV; FE=/local/domain/$D/device/vbd/$DEV
   xenstore-write $BE/frontend $FE $BE/frontend-id $D $BE/online 1 $BE/removable 0 $BE/state 1 \
-     $BE/dev xvda $BE/type vbd3 $BE/mode w $BE/device-type disk $BE/params $img
+     $BE/dev xvda $BE/type vbd3 $BE/mode $vbdmode $BE/device-type disk $BE/params $img
   xenstore-chmod -r /local/domain/0/backend/vbd3/$D n0 r$D
   xenstore-write $FE/backend $BE $FE/backend-id 0 $FE/state 1 $FE/virtual-device $DEV $FE/device-type disk
   xenstore-chmod -r $FE n$D r0
@@ -50,7 +53,7 @@ ft_case() {
     fails="$fails no-connect"
   fi
   if [ -f $out/stats.json ]; then
-    python3 $FTX/ftctl.py check-stats $out || fails="$fails stats"
+    python3 $FTX/ftctl.py check-stats $out $mode || fails="$fails stats"
   else
     fails="$fails no-stats"
   fi
@@ -79,6 +82,10 @@ ft_case() {
          fi
          qemu-img check $img || fails="$fails qemu-img-check" ;;
   esac
+  if [ $mode = readonly ]; then
+    [ "$(md5sum < $img)" = "$sum_before" ] && T "image unchanged by the read-only guest" \
+      || fails="$fails read-only-image-changed"
+  fi
   if [ -z "$fails" ]; then
     T "RESULT PASS first-contact $name"
   else
@@ -87,23 +94,29 @@ ft_case() {
 }
 
 T "first-contact: $($FTX/ferrotap --version 2>&1)"
-# Persistent grants, 4-page rings, 2 queues, 64-segment indirect requests. blkfront keeps a
-# page per grant it may use (ring entries x (segments + indirect pages) per queue), 65 MiB
-# here: at order 4 with 256 segments it would want 1 GiB and the guest dies of OOM.
+# Persistent grants, 16-page rings (the maximum), 2 queues, 32-segment indirect requests, io_uring.
+# blkfront keeps a page per grant it may use (ring entries x (segments + indirect pages) per
+# queue): 512 x 33 x 2 pages = 132 MiB here; with 256 segments it would want 1 GiB and a
+# small guest dies of OOM during connect.
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
 ft_case raw-persistent-mq /lab/ft-disk.raw raw \
-  max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512
+  max_ring_page_order=4,max_queues=2,max_indirect_segments=32 2 512 guest --engine uring
+# The same image as a read-only VBD (mode=r, serve --read-only, info=4): the guest reads
+# what the first case wrote and cannot write.
+ft_case raw-read-only /lab/ft-disk.raw raw max_ring_page_order=1 1 256 readonly --read-only
 rm -f /lab/ft-disk.raw
-# Grant copy (no persistent grants), one 1-page ring, 256-segment indirect requests, on a
-# qcow2 overlay of an empty raw base (made by qemu-img, the oracle, which also checks it).
+# Grant copy (no persistent grants), one 1-page ring, 256-segment indirect requests, the
+# native AIO engine, on a qcow2 overlay of an empty raw base (made by qemu-img, the oracle,
+# which also checks it).
 rm -f /lab/ft-base.raw /lab/ft-top.qcow2
 qemu-img create -q -f raw /lab/ft-base.raw 256M
 qemu-img create -q -f qcow2 -b /lab/ft-base.raw -F raw /lab/ft-top.qcow2
-ft_case qcow2-copy /lab/ft-top.qcow2 qcow2 \
-  feature_persistent=0,max_ring_page_order=0,max_queues=1,max_indirect_segments=256 1 256
+ft_case qcow2-copy-aio /lab/ft-top.qcow2 qcow2 \
+  feature_persistent=0,max_ring_page_order=0,max_queues=1,max_indirect_segments=256 1 256 guest \
+  --engine aio
 if cmp -s -n 268435456 /lab/ft-base.raw /dev/zero; then
   T "base image untouched (all zeros): writes went to the qcow2 overlay"
 else
-  T "RESULT FAIL first-contact qcow2-copy: the raw base under the overlay was written"
+  T "RESULT FAIL first-contact qcow2-copy-aio: the raw base under the overlay was written"
 fi
 rm -f /lab/ft-base.raw /lab/ft-top.qcow2
