@@ -28,8 +28,22 @@ def log(*args):
     print("HANDSHAKE: [%.2f]" % time.monotonic(), *args, flush=True)
 
 
+def xs(*args):
+    """Run a xenstore CLI tool. One that dies of a signal is run again: once under TCG a
+    xenstore-read died of a general protection fault in libc, and taking that for a missing
+    node made the backend disconnect a live frontend."""
+    for _ in range(5):
+        r = subprocess.run(list(args), capture_output=True, text=True)
+        if r.returncode >= 0:
+            return r
+        log("%s died of signal %d; running it again" % (" ".join(args), -r.returncode))
+        time.sleep(0.2)
+    raise RuntimeError("%s keeps dying" % args[0])
+
+
 def xs_read(path):
-    r = subprocess.run(["xenstore-read", path], capture_output=True, text=True)
+    """The node's value, or None when xenstore says it does not exist (exit status 1)."""
+    r = xs("xenstore-read", path)
     return r.stdout.strip() if r.returncode == 0 else None
 
 
@@ -37,12 +51,13 @@ def xs_write(pairs):
     args = []
     for key, value in pairs:
         args += [key, str(value)]
-    subprocess.run(["xenstore-write", *args], check=True)
+    r = xs("xenstore-write", *args)
+    if r.returncode != 0:
+        raise RuntimeError("xenstore-write failed: " + r.stderr.strip())
 
 
 def xs_ls(path):
-    r = subprocess.run(["xenstore-ls", "-f", path], capture_output=True, text=True)
-    return r.stdout
+    return xs("xenstore-ls", "-f", path).stdout
 
 
 class Control:
