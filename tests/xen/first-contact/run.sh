@@ -29,11 +29,13 @@ ft_case() {
 
   mkcfg ""
   sed -i "s/^vcpus = .*/vcpus = $vcpus/; s/^memory = .*/memory = $mem/" /run/domu.cfg
-  # blkfront's persistent pool at ring-page-order 4 on 2 queues is 33792 grants; the default
-  # 64 grant frames hold 32768.
-  echo "max_grant_frames = 128" >> /run/domu.cfg
   sed -i "s#^extra = \"\(.*\)\"#extra = \"\1 ftblk=$params ftmode=$mode\"#" /run/domu.cfg
-  T "xl create -p"; xl create -p /run/domu.cfg; T "xl create rc=$?"
+  T "xl create -p"
+  if ! xl create -p /run/domu.cfg; then
+    T "RESULT FAIL first-contact $name: xl create failed"
+    python3 $FTX/ftctl.py call $ctl '{"op":"close"}'; wait $ftpid
+    return
+  fi
   D=$(xl domid domu1); DEV=51712
   BE=/local/domain/0/backend/vbd3/$D/$DEV; FE=/local/domain/$D/device/vbd/$DEV
   xenstore-write $BE/frontend $FE $BE/frontend-id $D $BE/online 1 $BE/removable 0 $BE/state 1 \
