@@ -632,8 +632,11 @@ impl QueueThread {
             .map(|s| u64::from(s.last_sect - s.first_sect) + 1)
             .sum();
         let is_read = data_op == op::READ;
-        if !self.in_disk(request.sector, total_sectors)
-            || (!is_read && total_sectors > 0 && self.read_only)
+        // An empty flush carries no range: Linux blkfront sends blk-mq's flush request,
+        // whose sector is (sector_t)-1, and blkback ignores it as well.
+        let has_range = total_sectors > 0;
+        if (has_range && !self.in_disk(request.sector, total_sectors))
+            || (!is_read && has_range && self.read_only)
         {
             self.respond_now(request, response_op, status::ERROR);
             return None;
