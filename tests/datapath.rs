@@ -331,3 +331,32 @@ fn neighbouring_sector_writes_on_two_queues_both_land() {
         }
     }
 }
+
+/// `--engine auto` (the default) takes native AIO for an image on tmpfs, where it does the
+/// request inline instead of handing it to an io_uring worker thread, and io_uring for an
+/// image on a disk; both can be forced.
+#[test]
+fn auto_engine_follows_the_backing() {
+    let host = SimHost::new();
+    let on_tmpfs = host.path().join("tmpfs.raw");
+    std::fs::write(&on_tmpfs, vec![0u8; 1 << 20]).unwrap();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let on_disk = dir.path().join("disk.raw");
+    std::fs::write(&on_disk, vec![0u8; 1 << 20]).unwrap();
+    for (image, extra, engine) in [
+        (&on_tmpfs, &[][..], "aio"),
+        (&on_disk, &[][..], "uring"),
+        (&on_tmpfs, &["--engine", "uring"][..], "uring"),
+        (&on_disk, &["--engine", "aio"][..], "aio"),
+    ] {
+        let serve = host.serve("e", image, extra);
+        let info = serve.ctl(&json!({"op": "info"}));
+        assert_eq!(
+            info["engine"],
+            json!(engine),
+            "{} {extra:?}",
+            image.display()
+        );
+        serve.close();
+    }
+}
