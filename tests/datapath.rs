@@ -250,7 +250,8 @@ fn read_only_image_serves_reads_and_refuses_writes() {
 /// serializing them across queues one undoes the other.
 #[test]
 fn neighbouring_sector_writes_on_two_queues_both_land() {
-    use ferrotap::blkif::{op, status, Request, RequestBody, Segment, MAX_SEGMENTS_PER_REQUEST};
+    use common::blkif::direct;
+    use ferrotap::blkif::{op, status, Segment};
     use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -286,22 +287,17 @@ fn neighbouring_sector_writes_on_two_queues_both_land() {
                 let block = batch * BATCH + i;
                 let (gref, frame) = &mut pages[(queue * BATCH + i) as usize];
                 frame.write(0, &pattern(block, queue));
-                let mut segments = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
-                segments[0] = Segment {
+                let first_sector = Segment {
                     gref: *gref,
                     first_sect: 0,
                     last_sect: 0,
                 };
-                let request = Request {
-                    operation: op::WRITE,
-                    id: block * 2 + queue,
-                    sector: block * 8 + queue,
-                    handle: 0,
-                    body: RequestBody::Direct {
-                        nr_segments: 1,
-                        segments,
-                    },
-                };
+                let request = direct(
+                    op::WRITE,
+                    block * 2 + queue,
+                    block * 8 + queue,
+                    &[first_sector],
+                );
                 fe.queue_mut(queue as usize).put_raw(&request).unwrap();
             }
         }
