@@ -503,10 +503,48 @@ fn random_raw(path: &Path, size_mib: u64, random_mib: usize, seed: u64) {
 
 const OPS: u64 = 1000;
 
+/// Run the C frontend as guest `domid` for `OPS` requests with `args` (as [`run_front`])
+/// and assert the run was mixed, with indirect requests exactly when `indirect`.
+fn run_mixed(
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    domid: u16,
+    args: &[&str],
+    indirect: bool,
+) -> BTreeMap<String, u64> {
+    let run = Run {
+        domid,
+        args,
+        ops: OPS,
+    };
+    let summary = run_front(blkfront(), dir, serve, model, &run);
+    assert_mixed(&summary, indirect);
+    summary
+}
+
+/// `qemu-img convert` the raw `seed` to `image` in `format`.
+fn convert_raw(seed: &Path, image: &Path, format: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", format])
+            .arg(seed)
+            .arg(image),
+    );
+}
+
+/// `qemu-img check` finds the qcow2 `image` consistent.
+fn qemu_check_qcow2(image: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(image),
+    );
+}
+
 #[test]
 fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let image = dir.path().join("disk.raw");
     random_raw(&image, 16, 6, 1);
     let serve = Serve::start(dir.path(), &image, &[]);
@@ -597,8 +635,14 @@ fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
         ),
     ];
     for (run, indirect) in &runs {
-        let summary = run_front(blkfront, dir.path(), &serve, &mut model, run);
-        assert_mixed(&summary, *indirect);
+        run_mixed(
+            dir.path(),
+            &serve,
+            &mut model,
+            run.domid,
+            run.args,
+            *indirect,
+        );
     }
     serve.stop();
     model.check_image(dir.path(), &image, "raw");
@@ -607,55 +651,24 @@ fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
 #[test]
 fn qcow2_with_data_both_protocols() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let seed = dir.path().join("seed.raw");
     random_raw(&seed, 16, 6, 2);
     let image = dir.path().join("disk.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&seed)
-            .arg(&image),
-    );
+    convert_raw(&seed, &image, "qcow2");
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &["--ring-page-order", "1", "--indirect", "--iodepth", "16"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 2,
-            args: &["--protocol", "x86_32-abi", "--persistent"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, false);
+    let indirect = ["--ring-page-order", "1", "--indirect", "--iodepth", "16"];
+    run_mixed(dir.path(), &serve, &mut model, 1, &indirect, true);
+    let persistent_32 = ["--protocol", "x86_32-abi", "--persistent"];
+    run_mixed(dir.path(), &serve, &mut model, 2, &persistent_32, false);
     serve.stop();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir.path(), &image, "qcow2");
 }
 
 #[test]
 fn vhd_made_by_ferrotap_both_protocols() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let image = dir.path().join("disk.vhd");
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_ferrotap"))
@@ -665,38 +678,18 @@ fn vhd_made_by_ferrotap_both_protocols() {
     );
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &[
-                "--protocol",
-                "x86_32-abi",
-                "--ring-page-order",
-                "2",
-                "--indirect",
-                "--iodepth",
-                "16",
-            ],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 2,
-            args: &["--persistent", "--iodepth", "8"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, false);
+    let indirect_32 = [
+        "--protocol",
+        "x86_32-abi",
+        "--ring-page-order",
+        "2",
+        "--indirect",
+        "--iodepth",
+        "16",
+    ];
+    run_mixed(dir.path(), &serve, &mut model, 1, &indirect_32, true);
+    let persistent = ["--persistent", "--iodepth", "8"];
+    run_mixed(dir.path(), &serve, &mut model, 2, &persistent, false);
     serve.stop();
     model.check_image(dir.path(), &image, "vpc");
 }
@@ -714,29 +707,15 @@ fn overlay_chain(dir: &Path, base: &Path, base_format: &str) {
     );
     let serve = Serve::start(dir, &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront(),
-        dir,
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &["--indirect", "--iodepth", "16", "--ring-page-order", "1"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
+    let indirect = ["--indirect", "--iodepth", "16", "--ring-page-order", "1"];
+    let summary = run_mixed(dir, &serve, &mut model, 1, &indirect, true);
     assert!(summary["learned_bytes"] > 0, "{summary:?}");
     serve.stop();
     assert!(
         fs::read(base).unwrap() == base_before,
         "the base was written"
     );
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir, &image, "qcow2");
 }
 
@@ -767,16 +746,10 @@ fn qcow2_overlay_on_vhd_chain() {
 #[test]
 fn aio_engine_on_qcow2_copy_and_persistent() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let seed = dir.path().join("seed.raw");
     random_raw(&seed, 16, 6, 4);
     let image = dir.path().join("disk.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&seed)
-            .arg(&image),
-    );
+    convert_raw(&seed, &image, "qcow2");
     let serve = Serve::start(dir.path(), &image, &["--engine", "aio"]);
     let mut model = Model::default();
     for (domid, args) in [
@@ -796,25 +769,10 @@ fn aio_engine_on_qcow2_copy_and_persistent() {
             ][..],
         ),
     ] {
-        let summary = run_front(
-            blkfront,
-            dir.path(),
-            &serve,
-            &mut model,
-            &Run {
-                domid,
-                args,
-                ops: OPS,
-            },
-        );
-        assert_mixed(&summary, true);
+        run_mixed(dir.path(), &serve, &mut model, domid, args, true);
     }
     serve.stop();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir.path(), &image, "qcow2");
 }
 
