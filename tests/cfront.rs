@@ -549,100 +549,71 @@ fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
     random_raw(&image, 16, 6, 1);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let runs: [(Run, bool); 6] = [
+    let runs: [(u16, &[&str], bool); 6] = [
+        (1, &["--protocol", "x86_64-abi", "--iodepth", "16"], false),
         (
-            Run {
-                domid: 1,
-                args: &["--protocol", "x86_64-abi", "--iodepth", "16"],
-                ops: OPS,
-            },
+            2,
+            // The guest's memory and grant table grow after connect (xensim section 1).
+            &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
             false,
         ),
         (
-            Run {
-                domid: 2,
-                // The guest's memory and grant table grow after connect (xensim section 1).
-                args: &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
-                ops: OPS,
-            },
-            false,
-        ),
-        (
-            Run {
-                domid: 3,
-                args: &[
-                    "--protocol",
-                    "x86_64-abi",
-                    "--ring-page-order",
-                    "2",
-                    "--indirect",
-                    "--iodepth",
-                    "32",
-                    "--persistent",
-                ],
-                ops: OPS,
-            },
+            3,
+            &[
+                "--protocol",
+                "x86_64-abi",
+                "--ring-page-order",
+                "2",
+                "--indirect",
+                "--iodepth",
+                "32",
+                "--persistent",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 4,
-                args: &[
-                    "--protocol",
-                    "x86_32-abi",
-                    "--ring-page-order",
-                    "3",
-                    "--indirect",
-                    "--iodepth",
-                    "24",
-                ],
-                ops: OPS,
-            },
+            4,
+            &[
+                "--protocol",
+                "x86_32-abi",
+                "--ring-page-order",
+                "3",
+                "--indirect",
+                "--iodepth",
+                "24",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 5,
-                args: &[
-                    "--queues",
-                    "2",
-                    "--ring-page-order",
-                    "1",
-                    "--indirect",
-                    "--persistent",
-                ],
-                ops: OPS,
-            },
+            5,
+            &[
+                "--queues",
+                "2",
+                "--ring-page-order",
+                "1",
+                "--indirect",
+                "--persistent",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 6,
-                args: &[
-                    "--protocol",
-                    "x86_32-abi",
-                    "--queues",
-                    "4",
-                    "--ring-page-order",
-                    "4",
-                    "--indirect",
-                    "--iodepth",
-                    "64",
-                ],
-                ops: OPS,
-            },
+            6,
+            &[
+                "--protocol",
+                "x86_32-abi",
+                "--queues",
+                "4",
+                "--ring-page-order",
+                "4",
+                "--indirect",
+                "--iodepth",
+                "64",
+            ],
             true,
         ),
     ];
-    for (run, indirect) in &runs {
-        run_mixed(
-            dir.path(),
-            &serve,
-            &mut model,
-            run.domid,
-            run.args,
-            *indirect,
-        );
+    for (domid, args, indirect) in runs {
+        run_mixed(dir.path(), &serve, &mut model, domid, args, indirect);
     }
     serve.stop();
     model.check_image(dir.path(), &image, "raw");
