@@ -501,6 +501,13 @@ fn random_raw(path: &Path, size_mib: u64, random_mib: usize, seed: u64) {
         .unwrap();
 }
 
+/// [`random_raw`] as `disk.raw` in `dir`; returns its path.
+fn disk_raw(dir: &Path, size_mib: u64, random_mib: usize, seed: u64) -> PathBuf {
+    let image = dir.join("disk.raw");
+    random_raw(&image, size_mib, random_mib, seed);
+    image
+}
+
 const OPS: u64 = 1000;
 
 /// Run the C frontend as guest `domid` for `OPS` requests with `args` (as [`run_front`])
@@ -545,8 +552,7 @@ fn qemu_check_qcow2(image: &Path) {
 #[test]
 fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
     let dir = sim_dir();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 16, 6, 1);
+    let image = disk_raw(dir.path(), 16, 6, 1);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
     let runs: [(u16, &[&str], bool); 6] = [
@@ -753,7 +759,6 @@ const ERROR_CASES: u64 = 19;
 
 /// The hostile cases of blkfront.c's `--expect-error`, then a verified workload.
 fn expect_error_run(
-    blkfront: &Path,
     dir: &Path,
     serve: &Serve,
     model: &mut Model,
@@ -763,7 +768,7 @@ fn expect_error_run(
     let mut all = vec!["--expect-error"];
     all.extend_from_slice(args);
     run_front(
-        blkfront,
+        blkfront(),
         dir,
         serve,
         model,
@@ -778,9 +783,7 @@ fn expect_error_run(
 #[test]
 fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
     let dir = sim_dir();
-    let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 5);
+    let image = disk_raw(dir.path(), 8, 2, 5);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
     for (domid, args) in [
@@ -791,7 +794,7 @@ fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
         ),
         (3, &["--ring-page-order", "2", "--indirect"][..]),
     ] {
-        let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, domid, args);
+        let summary = expect_error_run(dir.path(), &serve, &mut model, domid, args);
         assert_eq!(summary["error_cases"], ERROR_CASES, "{summary:?}");
         assert!(summary["verified_bytes"] > 0, "{summary:?}");
     }
@@ -803,8 +806,7 @@ fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
 fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 9);
+    let image = disk_raw(dir.path(), 8, 2, 9);
     let serve = Serve::start(
         dir.path(),
         &image,
@@ -814,14 +816,7 @@ fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
     // 13 direct cases, an indirect request (above the maximum of 0: ERROR) and a discard
     // (not advertised: EOPNOTSUPP); a frontend offering persistent grants to a backend
     // that does not use them.
-    let summary = expect_error_run(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        1,
-        &["--persistent"],
-    );
+    let summary = expect_error_run(dir.path(), &serve, &mut model, 1, &["--persistent"]);
     assert_eq!(summary["error_cases"], 15, "{summary:?}");
     assert_eq!(summary["discards"] + summary["indirect"], 0, "{summary:?}");
     let summary = run_front(
@@ -846,13 +841,11 @@ fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
 #[test]
 fn read_only_disk_refuses_writes_and_serves_reads() {
     let dir = sim_dir();
-    let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 6);
+    let image = disk_raw(dir.path(), 8, 2, 6);
     let before = fs::read(&image).unwrap();
     let serve = Serve::start(dir.path(), &image, &["--read-only"]);
     let mut model = Model::default();
-    let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, 1, &["--indirect"]);
+    let summary = expect_error_run(dir.path(), &serve, &mut model, 1, &["--indirect"]);
     // The usual cases, with a write refused (ERROR) and a discard, which a read-only disk
     // does not advertise (EOPNOTSUPP), in place of discard past the end.
     assert_eq!(summary["error_cases"], ERROR_CASES + 1, "{summary:?}");
@@ -926,8 +919,7 @@ impl Holdings {
 fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 7);
+    let image = disk_raw(dir.path(), 8, 2, 7);
     let serve = Serve::start(dir.path(), &image, &[]);
     let pid = serve.child.id();
     let mut model = Model::default();
@@ -1004,8 +996,7 @@ fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
 fn ring_overflow_is_reported_and_the_next_guest_is_served() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 8);
+    let image = disk_raw(dir.path(), 8, 2, 8);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
     for (domid, protocol) in [(1, "x86_64-abi"), (2, "x86_32-abi")] {
