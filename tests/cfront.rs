@@ -118,6 +118,18 @@ fn map_status(access: &mut dyn ferrotap::xen::GrantAccess, refs: &[u32], writabl
     }
 }
 
+/// A copy segment between `offset` in the page behind `gref` and all of `local`, its
+/// status not yet any GNTST value.
+fn copy_segment(gref: u32, offset: u16, local: &mut [u8]) -> CopySegment {
+    CopySegment {
+        gref,
+        offset,
+        len: u16::try_from(local.len()).unwrap(),
+        local: std::ptr::NonNull::new(local.as_mut_ptr()).unwrap(),
+        status: 1,
+    }
+}
+
 fn mapped(mapping: &dyn GrantMapping) -> Vec<u8> {
     // SAFETY: the mapping is valid for len() bytes while it lives; the C program does not
     // write these frames while the test looks at them (it waits for the notification).
@@ -209,27 +221,9 @@ fn c_guest_grants_and_event_channel_work_with_the_sim_platform() {
     let mut from_ro = vec![0u8; 64];
     let mut from_bad = vec![0u8; 64];
     let mut segments = [
-        CopySegment {
-            gref: gref("ok_b"),
-            offset: 100,
-            len: 200,
-            local: std::ptr::NonNull::new(from_b.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("ro"),
-            offset: 4032,
-            len: 64,
-            local: std::ptr::NonNull::new(from_ro.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("revoked"),
-            offset: 0,
-            len: 64,
-            local: std::ptr::NonNull::new(from_bad.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
+        copy_segment(gref("ok_b"), 100, &mut from_b),
+        copy_segment(gref("ro"), 4032, &mut from_ro),
+        copy_segment(gref("revoked"), 0, &mut from_bad),
     ];
     // SAFETY: every local buffer is valid for its len and not used elsewhere meanwhile.
     unsafe { access.copy(CopyDirection::FromGuest, &mut segments) }.unwrap();
@@ -246,20 +240,8 @@ fn c_guest_grants_and_event_channel_work_with_the_sim_platform() {
     let mut to_target: Vec<u8> = (512..1536).map(|b: usize| (b * 13 + 5) as u8).collect();
     let mut to_ro = vec![0xeeu8; 16];
     let mut segments = [
-        CopySegment {
-            gref: gref("target"),
-            offset: 512,
-            len: 1024,
-            local: std::ptr::NonNull::new(to_target.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("ro"),
-            offset: 0,
-            len: 16,
-            local: std::ptr::NonNull::new(to_ro.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
+        copy_segment(gref("target"), 512, &mut to_target),
+        copy_segment(gref("ro"), 0, &mut to_ro),
     ];
     // SAFETY: as above.
     unsafe { access.copy(CopyDirection::ToGuest, &mut segments) }.unwrap();
