@@ -2,7 +2,7 @@
 //! command. In a temporary directory it builds a raw base with a pattern, a qcow2 overlay
 //! on it and a VHD differencing chain holding the same guest writes, then converts,
 //! compares (with ferrotap, and with qemu-img when installed), checks and commits, printing
-//! sizes and throughput. Finally it serves the qcow2 chain as a guest disk on a simulated
+//! sizes and throughput. Finally it serves a new qcow2 overlay on that chain as a guest disk on a simulated
 //! Xen host (xensim): `ferrotap serve` and a simulated blkfront, each its own process, run
 //! a verified random workload and a short random-read run.
 
@@ -327,7 +327,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         rate(size, started.elapsed())
     );
 
-    serve_on_xensim(&overlay)?;
+    // 9. A fresh qcow2 overlay on the chain, served to a simulated guest: the images above
+    //    stay as they are.
+    let guest = at("guest.qcow2");
+    create_image(
+        &guest,
+        Format::Qcow2,
+        None,
+        Some(("overlay.qcow2", Some(Format::Qcow2))),
+        no_options(),
+    )?;
+    serve_on_xensim(&guest)?;
+    let (_, report) = check_layer(&guest, None)?;
+    if !report.corruptions.is_empty() || !report.leaks.is_empty() {
+        return Err(Error::invalid(format!(
+            "guest.qcow2 does not check clean after the guest's I/O: {} corruptions, {} leaks",
+            report.corruptions.len(),
+            report.leaks.len()
+        )));
+    }
+    println!("   guest.qcow2 checks clean afterwards");
 
     println!("images:");
     for path in images {
@@ -385,7 +404,7 @@ fn blkfront(exe: &Path, sim: &Path, control: &Path, args: &[&str]) -> Result<ser
         .ok_or_else(|| Error::invalid("simulated blkfront printed no report"))
 }
 
-/// 9. `ferrotap serve` on the chain, driven by a simulated blkfront over xensim.
+/// `ferrotap serve` on `image`, driven by a simulated blkfront over xensim.
 fn serve_on_xensim(image: &Path) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find ferrotap", e))?;
     let sim = SimDir(PathBuf::from(format!(
@@ -414,7 +433,7 @@ fn serve_on_xensim(image: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!(
-        "9. ferrotap serve on overlay.qcow2 (pid {}), a simulated guest on xensim ({})",
+        "9. ferrotap serve on guest.qcow2 (a new overlay on the chain; pid {}), a simulated guest on xensim ({})",
         serve.0.id(),
         sim.0.display()
     );

@@ -68,3 +68,19 @@ pub fn seek(fd: &impl AsRawFd, offset: u64, whence: libc::c_int) -> io::Result<O
     }
     Ok(Some(rc as u64))
 }
+
+/// `TMPFS_MAGIC` of linux/magic.h: the `f_type` statfs reports for tmpfs (and /dev/shm).
+const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+
+/// Whether `fd` lives on tmpfs: memory-backed, where a read or write never waits for a
+/// device.
+pub fn is_tmpfs(fd: &impl AsRawFd) -> io::Result<bool> {
+    // SAFETY: statfs is plain old data; all-zero bytes are a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs through the pointer, which points at a live local.
+    let rc = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut stat) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_type as libc::c_long == TMPFS_MAGIC)
+}

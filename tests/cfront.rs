@@ -118,6 +118,18 @@ fn map_status(access: &mut dyn ferrotap::xen::GrantAccess, refs: &[u32], writabl
     }
 }
 
+/// A copy segment between `offset` in the page behind `gref` and all of `local`, its
+/// status not yet any GNTST value.
+fn copy_segment(gref: u32, offset: u16, local: &mut [u8]) -> CopySegment {
+    CopySegment {
+        gref,
+        offset,
+        len: u16::try_from(local.len()).unwrap(),
+        local: std::ptr::NonNull::new(local.as_mut_ptr()).unwrap(),
+        status: 1,
+    }
+}
+
 fn mapped(mapping: &dyn GrantMapping) -> Vec<u8> {
     // SAFETY: the mapping is valid for len() bytes while it lives; the C program does not
     // write these frames while the test looks at them (it waits for the notification).
@@ -209,27 +221,9 @@ fn c_guest_grants_and_event_channel_work_with_the_sim_platform() {
     let mut from_ro = vec![0u8; 64];
     let mut from_bad = vec![0u8; 64];
     let mut segments = [
-        CopySegment {
-            gref: gref("ok_b"),
-            offset: 100,
-            len: 200,
-            local: std::ptr::NonNull::new(from_b.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("ro"),
-            offset: 4032,
-            len: 64,
-            local: std::ptr::NonNull::new(from_ro.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("revoked"),
-            offset: 0,
-            len: 64,
-            local: std::ptr::NonNull::new(from_bad.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
+        copy_segment(gref("ok_b"), 100, &mut from_b),
+        copy_segment(gref("ro"), 4032, &mut from_ro),
+        copy_segment(gref("revoked"), 0, &mut from_bad),
     ];
     // SAFETY: every local buffer is valid for its len and not used elsewhere meanwhile.
     unsafe { access.copy(CopyDirection::FromGuest, &mut segments) }.unwrap();
@@ -246,20 +240,8 @@ fn c_guest_grants_and_event_channel_work_with_the_sim_platform() {
     let mut to_target: Vec<u8> = (512..1536).map(|b: usize| (b * 13 + 5) as u8).collect();
     let mut to_ro = vec![0xeeu8; 16];
     let mut segments = [
-        CopySegment {
-            gref: gref("target"),
-            offset: 512,
-            len: 1024,
-            local: std::ptr::NonNull::new(to_target.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
-        CopySegment {
-            gref: gref("ro"),
-            offset: 0,
-            len: 16,
-            local: std::ptr::NonNull::new(to_ro.as_mut_ptr()).unwrap(),
-            status: 1,
-        },
+        copy_segment(gref("target"), 512, &mut to_target),
+        copy_segment(gref("ro"), 0, &mut to_ro),
     ];
     // SAFETY: as above.
     unsafe { access.copy(CopyDirection::ToGuest, &mut segments) }.unwrap();
@@ -501,104 +483,125 @@ fn random_raw(path: &Path, size_mib: u64, random_mib: usize, seed: u64) {
         .unwrap();
 }
 
+/// [`random_raw`] as `disk.raw` in `dir`; returns its path.
+fn disk_raw(dir: &Path, size_mib: u64, random_mib: usize, seed: u64) -> PathBuf {
+    let image = dir.join("disk.raw");
+    random_raw(&image, size_mib, random_mib, seed);
+    image
+}
+
 const OPS: u64 = 1000;
+
+/// Run the C frontend as guest `domid` for `OPS` requests with `args` (as [`run_front`])
+/// and assert the run was mixed, with indirect requests exactly when `indirect`.
+fn run_mixed(
+    dir: &Path,
+    serve: &Serve,
+    model: &mut Model,
+    domid: u16,
+    args: &[&str],
+    indirect: bool,
+) -> BTreeMap<String, u64> {
+    let run = Run {
+        domid,
+        args,
+        ops: OPS,
+    };
+    let summary = run_front(blkfront(), dir, serve, model, &run);
+    assert_mixed(&summary, indirect);
+    summary
+}
+
+/// `qemu-img convert` the raw `seed` to `image` in `format`.
+fn convert_raw(seed: &Path, image: &Path, format: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", format])
+            .arg(seed)
+            .arg(image),
+    );
+}
+
+/// `qemu-img check` finds the qcow2 `image` consistent.
+fn qemu_check_qcow2(image: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(image),
+    );
+}
 
 #[test]
 fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
     let dir = sim_dir();
-    let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 16, 6, 1);
+    let image = disk_raw(dir.path(), 16, 6, 1);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let runs: [(Run, bool); 6] = [
+    let runs: [(u16, &[&str], bool); 6] = [
+        (1, &["--protocol", "x86_64-abi", "--iodepth", "16"], false),
         (
-            Run {
-                domid: 1,
-                args: &["--protocol", "x86_64-abi", "--iodepth", "16"],
-                ops: OPS,
-            },
+            2,
+            // The guest's memory and grant table grow after connect (xensim section 1).
+            &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
             false,
         ),
         (
-            Run {
-                domid: 2,
-                // The guest's memory and grant table grow after connect (xensim section 1).
-                args: &["--protocol", "x86_32-abi", "--iodepth", "16", "--grow"],
-                ops: OPS,
-            },
-            false,
-        ),
-        (
-            Run {
-                domid: 3,
-                args: &[
-                    "--protocol",
-                    "x86_64-abi",
-                    "--ring-page-order",
-                    "2",
-                    "--indirect",
-                    "--iodepth",
-                    "32",
-                    "--persistent",
-                ],
-                ops: OPS,
-            },
+            3,
+            &[
+                "--protocol",
+                "x86_64-abi",
+                "--ring-page-order",
+                "2",
+                "--indirect",
+                "--iodepth",
+                "32",
+                "--persistent",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 4,
-                args: &[
-                    "--protocol",
-                    "x86_32-abi",
-                    "--ring-page-order",
-                    "3",
-                    "--indirect",
-                    "--iodepth",
-                    "24",
-                ],
-                ops: OPS,
-            },
+            4,
+            &[
+                "--protocol",
+                "x86_32-abi",
+                "--ring-page-order",
+                "3",
+                "--indirect",
+                "--iodepth",
+                "24",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 5,
-                args: &[
-                    "--queues",
-                    "2",
-                    "--ring-page-order",
-                    "1",
-                    "--indirect",
-                    "--persistent",
-                ],
-                ops: OPS,
-            },
+            5,
+            &[
+                "--queues",
+                "2",
+                "--ring-page-order",
+                "1",
+                "--indirect",
+                "--persistent",
+            ],
             true,
         ),
         (
-            Run {
-                domid: 6,
-                args: &[
-                    "--protocol",
-                    "x86_32-abi",
-                    "--queues",
-                    "4",
-                    "--ring-page-order",
-                    "4",
-                    "--indirect",
-                    "--iodepth",
-                    "64",
-                ],
-                ops: OPS,
-            },
+            6,
+            &[
+                "--protocol",
+                "x86_32-abi",
+                "--queues",
+                "4",
+                "--ring-page-order",
+                "4",
+                "--indirect",
+                "--iodepth",
+                "64",
+            ],
             true,
         ),
     ];
-    for (run, indirect) in &runs {
-        let summary = run_front(blkfront, dir.path(), &serve, &mut model, run);
-        assert_mixed(&summary, *indirect);
+    for (domid, args, indirect) in runs {
+        run_mixed(dir.path(), &serve, &mut model, domid, args, indirect);
     }
     serve.stop();
     model.check_image(dir.path(), &image, "raw");
@@ -607,55 +610,24 @@ fn raw_both_protocols_ring_orders_queues_direct_and_indirect() {
 #[test]
 fn qcow2_with_data_both_protocols() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let seed = dir.path().join("seed.raw");
     random_raw(&seed, 16, 6, 2);
     let image = dir.path().join("disk.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&seed)
-            .arg(&image),
-    );
+    convert_raw(&seed, &image, "qcow2");
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &["--ring-page-order", "1", "--indirect", "--iodepth", "16"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 2,
-            args: &["--protocol", "x86_32-abi", "--persistent"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, false);
+    let indirect = ["--ring-page-order", "1", "--indirect", "--iodepth", "16"];
+    run_mixed(dir.path(), &serve, &mut model, 1, &indirect, true);
+    let persistent_32 = ["--protocol", "x86_32-abi", "--persistent"];
+    run_mixed(dir.path(), &serve, &mut model, 2, &persistent_32, false);
     serve.stop();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir.path(), &image, "qcow2");
 }
 
 #[test]
 fn vhd_made_by_ferrotap_both_protocols() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let image = dir.path().join("disk.vhd");
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_ferrotap"))
@@ -665,38 +637,18 @@ fn vhd_made_by_ferrotap_both_protocols() {
     );
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &[
-                "--protocol",
-                "x86_32-abi",
-                "--ring-page-order",
-                "2",
-                "--indirect",
-                "--iodepth",
-                "16",
-            ],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
-    let summary = run_front(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        &Run {
-            domid: 2,
-            args: &["--persistent", "--iodepth", "8"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, false);
+    let indirect_32 = [
+        "--protocol",
+        "x86_32-abi",
+        "--ring-page-order",
+        "2",
+        "--indirect",
+        "--iodepth",
+        "16",
+    ];
+    run_mixed(dir.path(), &serve, &mut model, 1, &indirect_32, true);
+    let persistent = ["--persistent", "--iodepth", "8"];
+    run_mixed(dir.path(), &serve, &mut model, 2, &persistent, false);
     serve.stop();
     model.check_image(dir.path(), &image, "vpc");
 }
@@ -714,29 +666,15 @@ fn overlay_chain(dir: &Path, base: &Path, base_format: &str) {
     );
     let serve = Serve::start(dir, &image, &[]);
     let mut model = Model::default();
-    let summary = run_front(
-        blkfront(),
-        dir,
-        &serve,
-        &mut model,
-        &Run {
-            domid: 1,
-            args: &["--indirect", "--iodepth", "16", "--ring-page-order", "1"],
-            ops: OPS,
-        },
-    );
-    assert_mixed(&summary, true);
+    let indirect = ["--indirect", "--iodepth", "16", "--ring-page-order", "1"];
+    let summary = run_mixed(dir, &serve, &mut model, 1, &indirect, true);
     assert!(summary["learned_bytes"] > 0, "{summary:?}");
     serve.stop();
     assert!(
         fs::read(base).unwrap() == base_before,
         "the base was written"
     );
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir, &image, "qcow2");
 }
 
@@ -767,16 +705,10 @@ fn qcow2_overlay_on_vhd_chain() {
 #[test]
 fn aio_engine_on_qcow2_copy_and_persistent() {
     let dir = sim_dir();
-    let blkfront = blkfront();
     let seed = dir.path().join("seed.raw");
     random_raw(&seed, 16, 6, 4);
     let image = dir.path().join("disk.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&seed)
-            .arg(&image),
-    );
+    convert_raw(&seed, &image, "qcow2");
     let serve = Serve::start(dir.path(), &image, &["--engine", "aio"]);
     let mut model = Model::default();
     for (domid, args) in [
@@ -796,25 +728,10 @@ fn aio_engine_on_qcow2_copy_and_persistent() {
             ][..],
         ),
     ] {
-        let summary = run_front(
-            blkfront,
-            dir.path(),
-            &serve,
-            &mut model,
-            &Run {
-                domid,
-                args,
-                ops: OPS,
-            },
-        );
-        assert_mixed(&summary, true);
+        run_mixed(dir.path(), &serve, &mut model, domid, args, true);
     }
     serve.stop();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image),
-    );
+    qemu_check_qcow2(&image);
     model.check_image(dir.path(), &image, "qcow2");
 }
 
@@ -824,7 +741,6 @@ const ERROR_CASES: u64 = 19;
 
 /// The hostile cases of blkfront.c's `--expect-error`, then a verified workload.
 fn expect_error_run(
-    blkfront: &Path,
     dir: &Path,
     serve: &Serve,
     model: &mut Model,
@@ -834,7 +750,7 @@ fn expect_error_run(
     let mut all = vec!["--expect-error"];
     all.extend_from_slice(args);
     run_front(
-        blkfront,
+        blkfront(),
         dir,
         serve,
         model,
@@ -849,9 +765,7 @@ fn expect_error_run(
 #[test]
 fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
     let dir = sim_dir();
-    let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 5);
+    let image = disk_raw(dir.path(), 8, 2, 5);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
     for (domid, args) in [
@@ -862,7 +776,7 @@ fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
         ),
         (3, &["--ring-page-order", "2", "--indirect"][..]),
     ] {
-        let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, domid, args);
+        let summary = expect_error_run(dir.path(), &serve, &mut model, domid, args);
         assert_eq!(summary["error_cases"], ERROR_CASES, "{summary:?}");
         assert!(summary["verified_bytes"] > 0, "{summary:?}");
     }
@@ -874,8 +788,7 @@ fn hostile_requests_get_error_statuses_and_the_device_keeps_serving() {
 fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 9);
+    let image = disk_raw(dir.path(), 8, 2, 9);
     let serve = Serve::start(
         dir.path(),
         &image,
@@ -885,14 +798,7 @@ fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
     // 13 direct cases, an indirect request (above the maximum of 0: ERROR) and a discard
     // (not advertised: EOPNOTSUPP); a frontend offering persistent grants to a backend
     // that does not use them.
-    let summary = expect_error_run(
-        blkfront,
-        dir.path(),
-        &serve,
-        &mut model,
-        1,
-        &["--persistent"],
-    );
+    let summary = expect_error_run(dir.path(), &serve, &mut model, 1, &["--persistent"]);
     assert_eq!(summary["error_cases"], 15, "{summary:?}");
     assert_eq!(summary["discards"] + summary["indirect"], 0, "{summary:?}");
     let summary = run_front(
@@ -917,13 +823,11 @@ fn backend_offering_neither_indirect_nor_discard_nor_persistent() {
 #[test]
 fn read_only_disk_refuses_writes_and_serves_reads() {
     let dir = sim_dir();
-    let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 6);
+    let image = disk_raw(dir.path(), 8, 2, 6);
     let before = fs::read(&image).unwrap();
     let serve = Serve::start(dir.path(), &image, &["--read-only"]);
     let mut model = Model::default();
-    let summary = expect_error_run(blkfront, dir.path(), &serve, &mut model, 1, &["--indirect"]);
+    let summary = expect_error_run(dir.path(), &serve, &mut model, 1, &["--indirect"]);
     // The usual cases, with a write refused (ERROR) and a discard, which a read-only disk
     // does not advertise (EOPNOTSUPP), in place of discard past the end.
     assert_eq!(summary["error_cases"], ERROR_CASES + 1, "{summary:?}");
@@ -997,8 +901,7 @@ impl Holdings {
 fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 7);
+    let image = disk_raw(dir.path(), 8, 2, 7);
     let serve = Serve::start(dir.path(), &image, &[]);
     let pid = serve.child.id();
     let mut model = Model::default();
@@ -1075,8 +978,7 @@ fn vanished_frontend_leaves_no_mapping_thread_or_fd_behind() {
 fn ring_overflow_is_reported_and_the_next_guest_is_served() {
     let dir = sim_dir();
     let blkfront = blkfront();
-    let image = dir.path().join("disk.raw");
-    random_raw(&image, 8, 2, 8);
+    let image = disk_raw(dir.path(), 8, 2, 8);
     let serve = Serve::start(dir.path(), &image, &[]);
     let mut model = Model::default();
     for (domid, protocol) in [(1, "x86_64-abi"), (2, "x86_32-abi")] {

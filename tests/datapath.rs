@@ -250,7 +250,8 @@ fn read_only_image_serves_reads_and_refuses_writes() {
 /// serializing them across queues one undoes the other.
 #[test]
 fn neighbouring_sector_writes_on_two_queues_both_land() {
-    use ferrotap::blkif::{op, status, Request, RequestBody, Segment, MAX_SEGMENTS_PER_REQUEST};
+    use common::blkif::direct;
+    use ferrotap::blkif::{op, status, Segment};
     use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -286,22 +287,17 @@ fn neighbouring_sector_writes_on_two_queues_both_land() {
                 let block = batch * BATCH + i;
                 let (gref, frame) = &mut pages[(queue * BATCH + i) as usize];
                 frame.write(0, &pattern(block, queue));
-                let mut segments = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
-                segments[0] = Segment {
+                let first_sector = Segment {
                     gref: *gref,
                     first_sect: 0,
                     last_sect: 0,
                 };
-                let request = Request {
-                    operation: op::WRITE,
-                    id: block * 2 + queue,
-                    sector: block * 8 + queue,
-                    handle: 0,
-                    body: RequestBody::Direct {
-                        nr_segments: 1,
-                        segments,
-                    },
-                };
+                let request = direct(
+                    op::WRITE,
+                    block * 2 + queue,
+                    block * 8 + queue,
+                    &[first_sector],
+                );
                 fe.queue_mut(queue as usize).put_raw(&request).unwrap();
             }
         }
@@ -329,5 +325,34 @@ fn neighbouring_sector_writes_on_two_queues_both_land() {
                 "sector {sector} lost its write"
             );
         }
+    }
+}
+
+/// `--engine auto` (the default) takes native AIO for an image on tmpfs, where it does the
+/// request inline instead of handing it to an io_uring worker thread, and io_uring for an
+/// image on a disk; both can be forced.
+#[test]
+fn auto_engine_follows_the_backing() {
+    let host = SimHost::new();
+    let on_tmpfs = host.path().join("tmpfs.raw");
+    std::fs::write(&on_tmpfs, vec![0u8; 1 << 20]).unwrap();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let on_disk = dir.path().join("disk.raw");
+    std::fs::write(&on_disk, vec![0u8; 1 << 20]).unwrap();
+    for (image, extra, engine) in [
+        (&on_tmpfs, &[][..], "aio"),
+        (&on_disk, &[][..], "uring"),
+        (&on_tmpfs, &["--engine", "uring"][..], "uring"),
+        (&on_disk, &["--engine", "aio"][..], "aio"),
+    ] {
+        let serve = host.serve("e", image, extra);
+        let info = serve.ctl(&json!({"op": "info"}));
+        assert_eq!(
+            info["engine"],
+            json!(engine),
+            "{} {extra:?}",
+            image.display()
+        );
+        serve.close();
     }
 }

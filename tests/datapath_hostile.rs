@@ -11,16 +11,15 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::blkif::{ask, direct, granted_frame, whole_page, WAIT};
 use common::host::{Serve, SimHost};
 use ferrotap::blkif::{
     op, status, Request, RequestBody, Response, Segment, MAX_INDIRECT_PAGES_PER_REQUEST,
-    MAX_SEGMENTS_PER_REQUEST,
 };
 use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 use serde_json::json;
 
 const DISK_BYTES: u64 = 16 << 20;
-const WAIT: Duration = Duration::from_secs(10);
 
 fn raw_image(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("disk.raw");
@@ -41,38 +40,6 @@ fn front(host: &SimHost, serve: &Serve, domid: u16, queues: u32) -> Blkfront {
     Blkfront::connect(&config).unwrap()
 }
 
-fn direct(operation: u8, id: u64, sector: u64, segments: &[Segment]) -> Request {
-    let mut inline = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
-    let n = segments.len().min(MAX_SEGMENTS_PER_REQUEST);
-    inline[..n].copy_from_slice(&segments[..n]);
-    Request {
-        operation,
-        id,
-        sector,
-        handle: 0,
-        body: RequestBody::Direct {
-            nr_segments: segments.len() as u8,
-            segments: inline,
-        },
-    }
-}
-
-/// Grant a fresh frame (read-only or not); returns (gref, gfn).
-fn granted_frame(fe: &Blkfront, readonly: bool) -> (u32, u32) {
-    let frame = fe.memory().alloc().unwrap();
-    let gfn = frame.gfn();
-    std::mem::forget(frame); // the guest keeps the page for the test's lifetime
-    let gref = fe.grants().alloc_ref().unwrap();
-    fe.grants().grant(gref, gfn, readonly).unwrap();
-    (gref, gfn)
-}
-
-fn ask(fe: &mut Blkfront, queue: usize, request: &Request) -> Response {
-    let q = fe.queue_mut(queue);
-    q.submit_raw(request).unwrap();
-    q.wait_raw_response(WAIT).unwrap()
-}
-
 fn assert_answer(fe: &mut Blkfront, request: Request, expect_op: u8, expect_status: i16) {
     let response = ask(fe, 0, &request);
     assert_eq!(
@@ -89,16 +56,7 @@ fn assert_answer(fe: &mut Blkfront, request: Request, expect_op: u8, expect_stat
 /// A good one-page read of `sector` on `queue`: OKAY and the sector's pattern.
 fn good_read(fe: &mut Blkfront, queue: usize, sector: u64) {
     let (gref, gfn) = granted_frame(fe, false);
-    let request = direct(
-        op::READ,
-        0x1234_5678_9abc_def0,
-        sector,
-        &[Segment {
-            gref,
-            first_sect: 0,
-            last_sect: 7,
-        }],
-    );
+    let request = direct(op::READ, 0x1234_5678_9abc_def0, sector, &[whole_page(gref)]);
     let response = ask(fe, queue, &request);
     assert_eq!(response.status, status::OKAY, "good read after abuse");
     assert_eq!(response.id, request.id);
@@ -302,11 +260,7 @@ fn read_only_disk_refuses_writes_and_discards() {
     let serve = host.serve("ro", &image, &["--read-only"]);
     let mut fe = front(&host, &serve, 1, 1);
     let (gref, _) = granted_frame(&fe, false);
-    let seg = Segment {
-        gref,
-        first_sect: 0,
-        last_sect: 7,
-    };
+    let seg = whole_page(gref);
     assert_answer(
         &mut fe,
         direct(op::WRITE, 1, 0, &[seg]),

@@ -4,29 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::blkif::{ask, direct, granted_frame, whole_page, WAIT};
 use common::host::SimHost;
-use ferrotap::blkif::{op, status, Request, RequestBody, Segment, MAX_SEGMENTS_PER_REQUEST};
+use ferrotap::blkif::{op, status};
 use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn direct(operation: u8, id: u64, sector: u64, segments: &[Segment]) -> Request {
-    let mut inline = [Segment::default(); MAX_SEGMENTS_PER_REQUEST];
-    inline[..segments.len()].copy_from_slice(segments);
-    Request {
-        operation,
-        id,
-        sector,
-        handle: 0,
-        body: RequestBody::Direct {
-            nr_segments: segments.len() as u8,
-            segments: inline,
-        },
-    }
-}
 
 /// blk-mq builds its flush request with blk_rq_init, which leaves the sector at
 /// (sector_t)-1, and blkfront copies it into the ring as is: an empty FLUSH_DISKCACHE (or
@@ -43,14 +25,8 @@ fn empty_flush_with_blk_mq_sector_is_a_flush() {
     config.response_timeout = WAIT;
     let mut fe = Blkfront::connect(&config).unwrap();
 
-    let frame = fe.memory().alloc().unwrap();
-    let gref = fe.grants().alloc_ref().unwrap();
-    fe.grants().grant(gref, frame.gfn(), false).unwrap();
-    let whole_page = Segment {
-        gref,
-        first_sect: 0,
-        last_sect: 7,
-    };
+    let (gref, _) = granted_frame(&fe, false);
+    let whole_page = whole_page(gref);
     let cases = [
         // (request, expected status)
         (direct(op::FLUSH_DISKCACHE, 1, u64::MAX, &[]), status::OKAY),
@@ -70,10 +46,8 @@ fn empty_flush_with_blk_mq_sector_is_a_flush() {
             status::OKAY,
         ),
     ];
-    let queue = fe.queue_mut(0);
     for (request, expected) in &cases {
-        queue.submit_raw(request).unwrap();
-        let response = queue.wait_raw_response(WAIT).unwrap();
+        let response = ask(&mut fe, 0, request);
         assert_eq!(response.id, request.id, "{request:?}");
         assert_eq!(response.operation, request.operation, "{request:?}");
         assert_eq!(response.status, *expected, "{request:?}");
@@ -83,5 +57,4 @@ fn empty_flush_with_blk_mq_sector_is_a_flush() {
     assert_eq!(q["requests"], 6, "{stats}");
     assert_eq!(q["errors"], 2, "{stats}");
     assert_eq!(q["flushes"], 4, "{stats}");
-    drop(frame);
 }

@@ -1069,8 +1069,9 @@ fn demo_runs_and_its_images_pass_qemu_img() {
         out.contains("qemu-img compare overlay.qcow2 flat.qcow2: identical"),
         "{out}"
     );
-    // The kept images: qemu agrees the qcow2 ones are clean and hold the same disk.
-    for name in ["overlay.qcow2", "flat.qcow2"] {
+    // The kept images: qemu agrees the qcow2 ones are clean (guest.qcow2 after a simulated
+    // guest's I/O through ferrotap serve) and overlay and flat hold the same disk.
+    for name in ["overlay.qcow2", "flat.qcow2", "guest.qcow2"] {
         ok(&mut qemu_img(&["check", s(&dir.join(name))]));
     }
     ok(&mut qemu_img(&[

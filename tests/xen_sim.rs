@@ -344,6 +344,25 @@ fn segment(gref: u32, offset: u16, len: u16, local: &mut [u8]) -> CopySegment {
     }
 }
 
+/// One grant copy of `plan`'s rows (gref, offset, len, expected status), row i to or from
+/// `buffers[i]`; returns the status the copy reported for each row.
+fn copy_plan(
+    access: &mut dyn GrantAccess,
+    direction: CopyDirection,
+    plan: &[(u32, u16, u16, i16)],
+    buffers: &mut [Vec<u8>],
+) -> Vec<i16> {
+    let mut segments: Vec<CopySegment> = plan
+        .iter()
+        .zip(buffers.iter_mut())
+        .map(|(&(gref, offset, len, _), buffer)| segment(gref, offset, len, buffer))
+        .collect();
+    // SAFETY: each segment points into its own buffer, borrowed mutably for the call and at
+    // least `len` bytes long (`segment` checks).
+    unsafe { access.copy(direction, &mut segments) }.unwrap();
+    segments.iter().map(|s| s.status).collect()
+}
+
 #[test]
 fn copy_reports_a_status_per_segment_both_ways() {
     let dir = sim_dir();
@@ -374,14 +393,7 @@ fn copy_reports_a_status_per_segment_both_ways() {
         (5, 4095, 1, gntst::OKAY),
         (5, 100, 0, gntst::OKAY),
     ];
-    let mut segments: Vec<CopySegment> = plan
-        .iter()
-        .zip(buffers.iter_mut())
-        .map(|(&(gref, offset, len, _), buffer)| segment(gref, offset, len, buffer))
-        .collect();
-    // SAFETY: every local buffer is a live, unaliased Vec of PAGE bytes.
-    unsafe { access.copy(CopyDirection::FromGuest, &mut segments) }.unwrap();
-    let statuses: Vec<i16> = segments.iter().map(|s| s.status).collect();
+    let statuses = copy_plan(&mut *access, CopyDirection::FromGuest, &plan, &mut buffers);
     let expected: Vec<i16> = plan.iter().map(|p| p.3).collect();
     assert_eq!(statuses, expected);
     assert_eq!(buffers[0][..1024], pattern(1)[512..1536]);
@@ -403,14 +415,7 @@ fn copy_reports_a_status_per_segment_both_ways() {
         (2, 0, 512, gntst::PERMISSION_DENIED),
         (5, 4000, 200, gntst::GENERAL_ERROR),
     ];
-    let mut segments: Vec<CopySegment> = plan
-        .iter()
-        .zip(buffers.iter_mut())
-        .map(|(&(gref, offset, len, _), buffer)| segment(gref, offset, len, buffer))
-        .collect();
-    // SAFETY: as above.
-    unsafe { access.copy(CopyDirection::ToGuest, &mut segments) }.unwrap();
-    let statuses: Vec<i16> = segments.iter().map(|s| s.status).collect();
+    let statuses = copy_plan(&mut *access, CopyDirection::ToGuest, &plan, &mut buffers);
     assert_eq!(statuses, plan.iter().map(|p| p.3).collect::<Vec<_>>());
     assert!(guest.read_frame(0).iter().all(|&b| b == 0x10));
     assert_eq!(guest.read_frame(1), pattern(2));

@@ -949,21 +949,19 @@ impl QueueThread {
         // SAFETY: the op's buffer is a pool buffer or a mapped guest page that the slot owns
         // (`buffer` / `pages`) until `pending` drops to zero, which happens only when this
         // op's completion has been returned by the engine.
-        match unsafe { self.engine.push(slot as u64, op) } {
-            Ok(()) => {
-                if let Some(s) = self.slots[slot].as_mut() {
-                    s.pending += 1;
-                }
-            }
-            Err(err) => {
-                eprintln!("ferrotap: queue {}: {err}", self.index);
-                self.set_status(slot, status::ERROR);
-            }
-        }
+        let pushed = unsafe { self.engine.push(slot as u64, op) };
+        self.count_pending(slot, pushed);
     }
 
     fn submit_job(&mut self, slot: usize, job: Job) {
-        match self.worker.submit(slot as u64, job) {
+        let submitted = self.worker.submit(slot as u64, job);
+        self.count_pending(slot, submitted);
+    }
+
+    /// One more op or job of `slot` in flight, or, when it could not be started, the
+    /// request fails.
+    fn count_pending(&mut self, slot: usize, started: Result<()>) {
+        match started {
             Ok(()) => {
                 if let Some(s) = self.slots[slot].as_mut() {
                     s.pending += 1;

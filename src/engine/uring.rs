@@ -324,57 +324,43 @@ impl Engine for UringEngine {
     }
 
     unsafe fn push(&mut self, token: u64, op: Op) -> Result<()> {
+        // One read or write entry: by registered file index or fd, from a registered buffer
+        // or not (the four opcode/target combinations differ only in their types).
+        macro_rules! transfer {
+            ($plain:ident, $fixed:ident, $fd:expr, $offset:expr, $buf:expr, $len:expr) => {{
+                check_len($len)?;
+                let file = self.file_index($fd);
+                match (file, self.fixed_index($buf as usize, $len)) {
+                    (Some(file), Some(index)) => {
+                        opcode::$fixed::new(types::Fixed(file), $buf, $len, index)
+                            .offset($offset)
+                            .build()
+                    }
+                    (Some(file), None) => opcode::$plain::new(types::Fixed(file), $buf, $len)
+                        .offset($offset)
+                        .build(),
+                    (None, Some(index)) => opcode::$fixed::new(types::Fd($fd), $buf, $len, index)
+                        .offset($offset)
+                        .build(),
+                    (None, None) => opcode::$plain::new(types::Fd($fd), $buf, $len)
+                        .offset($offset)
+                        .build(),
+                }
+            }};
+        }
         let entry = match op {
             Op::Read {
                 fd,
                 offset,
                 buf,
                 len,
-            } => {
-                check_len(len)?;
-                let fixed_buf = self.fixed_index(buf as usize, len);
-                match (self.file_index(fd), fixed_buf) {
-                    (Some(file), Some(index)) => {
-                        opcode::ReadFixed::new(types::Fixed(file), buf, len, index)
-                            .offset(offset)
-                            .build()
-                    }
-                    (Some(file), None) => opcode::Read::new(types::Fixed(file), buf, len)
-                        .offset(offset)
-                        .build(),
-                    (None, Some(index)) => opcode::ReadFixed::new(types::Fd(fd), buf, len, index)
-                        .offset(offset)
-                        .build(),
-                    (None, None) => opcode::Read::new(types::Fd(fd), buf, len)
-                        .offset(offset)
-                        .build(),
-                }
-            }
+            } => transfer!(Read, ReadFixed, fd, offset, buf, len),
             Op::Write {
                 fd,
                 offset,
                 buf,
                 len,
-            } => {
-                check_len(len)?;
-                let fixed_buf = self.fixed_index(buf as usize, len);
-                match (self.file_index(fd), fixed_buf) {
-                    (Some(file), Some(index)) => {
-                        opcode::WriteFixed::new(types::Fixed(file), buf, len, index)
-                            .offset(offset)
-                            .build()
-                    }
-                    (Some(file), None) => opcode::Write::new(types::Fixed(file), buf, len)
-                        .offset(offset)
-                        .build(),
-                    (None, Some(index)) => opcode::WriteFixed::new(types::Fd(fd), buf, len, index)
-                        .offset(offset)
-                        .build(),
-                    (None, None) => opcode::Write::new(types::Fd(fd), buf, len)
-                        .offset(offset)
-                        .build(),
-                }
-            }
+            } => transfer!(Write, WriteFixed, fd, offset, buf, len),
             Op::Fsync { fd } => match self.file_index(fd) {
                 Some(file) => opcode::Fsync::new(types::Fixed(file)),
                 None => opcode::Fsync::new(types::Fd(fd)),

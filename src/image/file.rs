@@ -97,6 +97,11 @@ impl ImageFile {
         self.block_device
     }
 
+    /// Whether the file lives on tmpfs (memory-backed: no I/O ever waits for a device).
+    pub fn is_memory_backed(&self) -> Result<bool> {
+        sys::is_tmpfs(&self.file).map_err(|e| Error::io("statfs", e).with_path(&self.path))
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

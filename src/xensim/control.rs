@@ -1,4 +1,4 @@
-//! The frontend's client of `ferrotap serve`'s control socket (../control-protocol.md): one
+//! The frontend's client of `ferrotap serve`'s control socket (README.md, "ferrotap serve"): one
 //! JSON object per line each way. With no xenstore handshake yet, this is how the simulated
 //! blkfront learns the backend's features and hands over its rings.
 

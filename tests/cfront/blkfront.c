@@ -486,7 +486,7 @@ static void evtchn_unbind(struct evtchn *ev)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* Control socket (control-protocol.md)                                                  */
+/* Control socket (README.md, ferrotap serve)                                               */
 
 static int ctl_fd = -1;
 

@@ -3,6 +3,7 @@
 // Each integration test is its own crate and uses only some of these.
 #![allow(dead_code)]
 
+pub mod blkif;
 pub mod host;
 
 use std::path::Path;
