@@ -128,11 +128,26 @@ pub struct Skip {
     pub reason: String,
 }
 
+/// What the JSON says of one backing directory (both suites).
 #[derive(Debug, Serialize)]
-struct BackingInfo {
-    dir: String,
-    fs_type: String,
-    io: &'static str,
+pub struct BackingInfo {
+    pub dir: String,
+    pub fs_type: String,
+    pub io: &'static str,
+}
+
+impl BackingInfo {
+    pub fn of(backing: &Backing) -> BackingInfo {
+        BackingInfo {
+            dir: backing.label(),
+            fs_type: backing.fs_type.clone(),
+            io: if backing.direct {
+                "O_DIRECT"
+            } else {
+                "buffered (no O_DIRECT on this filesystem)"
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -179,15 +194,7 @@ impl Report {
     }
 
     pub fn add_backing(&mut self, backing: &Backing) {
-        self.backings.push(BackingInfo {
-            dir: backing.label(),
-            fs_type: backing.fs_type.clone(),
-            io: if backing.direct {
-                "O_DIRECT"
-            } else {
-                "buffered (no O_DIRECT on this filesystem)"
-            },
-        });
+        self.backings.push(BackingInfo::of(backing));
     }
 
     pub fn add(&mut self, row: Row) {

@@ -8,7 +8,7 @@ use std::path::Path;
 use ferrotap::image::Format;
 use serde::Serialize;
 
-use crate::report::{paired_ratio, round, write_json};
+use crate::report::{paired_ratio, round, write_json, BackingInfo};
 use crate::ring::IDLE_CPU_LIMIT_PCT;
 use crate::suite::Backing;
 use crate::{Measured, Result};
@@ -108,13 +108,6 @@ pub struct RingConfig {
 }
 
 #[derive(Debug, Serialize)]
-struct BackingInfo {
-    dir: String,
-    fs_type: String,
-    io: &'static str,
-}
-
-#[derive(Debug, Serialize)]
 pub struct RingReport {
     config: RingConfig,
     backings: Vec<BackingInfo>,
@@ -135,15 +128,7 @@ impl RingReport {
     }
 
     pub fn add_backing(&mut self, backing: &Backing) {
-        self.backings.push(BackingInfo {
-            dir: backing.label(),
-            fs_type: backing.fs_type.clone(),
-            io: if backing.direct {
-                "O_DIRECT"
-            } else {
-                "buffered (no O_DIRECT on this filesystem)"
-            },
-        });
+        self.backings.push(BackingInfo::of(backing));
     }
 
     /// Add the row of one point from its rounds (the one with the median IOPS, or the
