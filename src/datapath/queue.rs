@@ -119,6 +119,9 @@ pub(crate) struct QueueThread {
     copies: Vec<CopySegment>,
     completions: Vec<Completion>,
     job_results: Vec<JobResult>,
+    /// Cleared `Slot::pages` and `Slot::copy_back` vectors of answered requests, reused.
+    spare_pages: Vec<Vec<MappedPage>>,
+    spare_copies: Vec<Vec<CopySegment>>,
     indirect_page: Vec<u8>,
     grants: Box<dyn GrantAccess>,
 }
@@ -219,6 +222,8 @@ impl QueueThread {
             copies: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
             completions: Vec::with_capacity(depth as usize),
             job_results: Vec::new(),
+            spare_pages: Vec::new(),
+            spare_copies: Vec::new(),
             indirect_page: vec![0; blkif::MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
         })
     }
@@ -401,8 +406,8 @@ impl QueueThread {
             exclusive: false,
             counted_write: false,
             buffer: None,
-            pages: Vec::new(),
-            copy_back: Vec::new(),
+            pages: self.spare_pages.pop().unwrap_or_default(),
+            copy_back: self.spare_copies.pop().unwrap_or_default(),
         };
         self.in_use += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -999,7 +1004,12 @@ impl QueueThread {
             // SAFETY: the local pointers lie inside this slot's pool buffer, whose reads
             // have all completed (pending == 0); nothing else touches it.
             let copied = unsafe { self.grants.copy(CopyDirection::ToGuest, &mut copies) };
-            if copied.is_err() || copy_failed(&copies).is_some() {
+            let failed = copied.is_err() || copy_failed(&copies).is_some();
+            copies.clear();
+            if let Some(Some(s)) = self.slots.get_mut(slot) {
+                s.copy_back = copies;
+            }
+            if failed {
                 self.set_status(slot, status::ERROR);
             }
         }
@@ -1034,6 +1044,13 @@ impl QueueThread {
         if let Some(buffer) = s.buffer {
             self.pool.free(buffer);
         }
+        // Keep the per-request vectors' capacity for the next request (no allocation per
+        // request in steady state); clearing `pages` lets go of the persistent mappings.
+        let (mut pages, mut copy_back) = (s.pages, s.copy_back);
+        pages.clear();
+        copy_back.clear();
+        self.spare_pages.push(pages);
+        self.spare_copies.push(copy_back);
         if s.status != status::OKAY {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
