@@ -142,10 +142,6 @@ pub(crate) struct Shared {
     /// starts a write: a discard may free a qcow2 cluster that a write mapped before it,
     /// and the cluster may then be reused (even for metadata) before that write lands.
     pub discards_waiting: AtomicU64,
-    /// Held by every write a worker makes. Workers of different queues would otherwise race
-    /// on O_DIRECT read-modify-writes of a shared 4 KiB block (two 512-byte guest writes
-    /// to neighbouring sectors, on two queues) and one would undo the other.
-    pub worker_writes: Mutex<()>,
     /// The first fatal error a queue met (a frontend that broke the ring rules).
     pub failure: Mutex<Option<String>>,
 }
@@ -263,7 +259,6 @@ impl Device {
             stopping: AtomicBool::new(false),
             writes_in_flight: AtomicU64::new(0),
             discards_waiting: AtomicU64::new(0),
-            worker_writes: Mutex::new(()),
             failure: Mutex::new(None),
         });
         // Map and bind every queue before starting any thread, so a bad ref or port fails

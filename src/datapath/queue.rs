@@ -939,7 +939,6 @@ impl QueueThread {
                             // SAFETY: the slot keeps `part` alive and unchanged until this
                             // job's result is collected.
                             let data = unsafe { part.as_slice() };
-                            let _serialized = shared.worker_writes.lock();
                             shared.image.write_at(data, at)
                         }),
                     );

@@ -42,6 +42,10 @@ pub struct ImageFile {
     path: PathBuf,
     mode: OpenMode,
     block_device: bool,
+    /// Held across each O_DIRECT read-modify-write: two writes to different sectors of one
+    /// 4 KiB block (from two threads) would otherwise each write back the block as it was
+    /// before the other, and one would undo the other.
+    bounce_lock: parking_lot::Mutex<()>,
 }
 
 impl ImageFile {
@@ -78,6 +82,7 @@ impl ImageFile {
             path: path.to_path_buf(),
             mode,
             block_device: meta.file_type().is_block_device(),
+            bounce_lock: parking_lot::Mutex::new(()),
         })
     }
 
@@ -302,9 +307,9 @@ impl ImageFile {
         Ok(done)
     }
 
-    // Read-modify-write of the aligned span. Callers serialize writes that can share an
-    // aligned span (metadata writes hold their image's allocation lock).
+    // Read-modify-write of the aligned span, one at a time per file.
     fn write_bounced(&self, data: &[u8], offset: u64) -> Result<()> {
+        let _one_at_a_time = self.bounce_lock.lock();
         let (start, span) = Self::aligned_span(offset, data.len());
         let mut bounce = AlignedBuf::zeroed(span);
         self.read_direct_upto(bounce.as_mut_slice(), start)?;
