@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
+use ferrotap::nbd::{self, NbdArgs};
 use ferrotap::serve::{self, ServeArgs};
 use ferrotap::xensim::{self, XensimCommand};
 
@@ -31,6 +32,8 @@ enum Command {
     },
     /// Serve one VBD: open the image chain, listen on a control socket, serve the rings.
     Serve(ServeArgs),
+    /// Export an image chain over NBD (unix socket, TCP or an inherited socket fd).
+    Nbd(NbdArgs),
     /// Run a self-contained tour of the image layer in a temporary directory.
     Demo(DemoArgs),
     /// Simulated Xen guests on a xensim host (tests and the ring benchmark).
@@ -46,6 +49,13 @@ fn main() -> ExitCode {
         Command::Img { command } => img::run(command),
         Command::Xensim { command } => xensim::run(command),
         Command::Serve(args) => match serve::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                img::report_error(&err);
+                1
+            }
+        },
+        Command::Nbd(args) => match nbd::run(args) {
             Ok(()) => 0,
             Err(err) => {
                 img::report_error(&err);
