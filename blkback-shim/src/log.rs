@@ -16,7 +16,10 @@ pub fn line(level: Level, message: &str) {
         Level::Warn => " WARN",
         Level::Error => "ERROR",
     };
-    eprintln!("{} {name} ferrotap-shim: {message}", timestamp(SystemTime::now()));
+    eprintln!(
+        "{} {name} ferrotap-shim: {message}",
+        timestamp(SystemTime::now())
+    );
 }
 
 /// RFC 3339 in UTC with milliseconds.

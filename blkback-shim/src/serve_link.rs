@@ -229,12 +229,7 @@ impl ServeLink {
     }
 }
 
-fn follow<T: Copy>(
-    stream: UnixStream,
-    control: &Path,
-    tag: T,
-    events: &Sender<(T, ServeEvent)>,
-) {
+fn follow<T: Copy>(stream: UnixStream, control: &Path, tag: T, events: &Sender<(T, ServeEvent)>) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         let Ok(value) = serde_json::from_str::<Value>(&line) else {

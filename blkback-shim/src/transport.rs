@@ -206,17 +206,37 @@ mod tests {
                 "ring-page-order 3 above the maximum 2",
             ),
             (
-                &[("protocol", "sparc-abi"), ("ring-ref", "8"), ("event-channel", "3")],
+                &[
+                    ("protocol", "sparc-abi"),
+                    ("ring-ref", "8"),
+                    ("event-channel", "3"),
+                ],
                 "unknown blkif protocol",
             ),
-            (&[("ring-ref", "8"), ("event-channel", "x1")], "bad event-channel"),
-            (&[("ring-ref", "8"), ("event-channel", "0")], "bad event-channel 0"),
-            (&[("ring-ref", "-1"), ("event-channel", "2")], "bad ring-ref"),
             (
-                &[("ring-page-order", "1"), ("ring-ref0", "4"), ("event-channel", "2")],
+                &[("ring-ref", "8"), ("event-channel", "x1")],
+                "bad event-channel",
+            ),
+            (
+                &[("ring-ref", "8"), ("event-channel", "0")],
+                "bad event-channel 0",
+            ),
+            (
+                &[("ring-ref", "-1"), ("event-channel", "2")],
+                "bad ring-ref",
+            ),
+            (
+                &[
+                    ("ring-page-order", "1"),
+                    ("ring-ref0", "4"),
+                    ("event-channel", "2"),
+                ],
                 "no ring-ref1",
             ),
-            (&[("multi-queue-num-queues", "5")], "multi-queue-num-queues 5"),
+            (
+                &[("multi-queue-num-queues", "5")],
+                "multi-queue-num-queues 5",
+            ),
             (
                 &[("multi-queue-num-queues", "2"), ("queue-0/ring-ref", "4")],
                 "no queue-0/event-channel",

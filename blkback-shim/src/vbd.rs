@@ -136,11 +136,7 @@ impl Shim {
                 .map_err(|err| format!("xenstore: {err}"))?;
             let Some(event) = event else { continue };
             if event.token == ROOT_TOKEN {
-                match event
-                    .path
-                    .strip_prefix(VBD3_ROOT)
-                    .and_then(key_of)
-                {
+                match event.path.strip_prefix(VBD3_ROOT).and_then(key_of) {
                     Some(key) => self.reconcile(key),
                     None => self.rescan(),
                 }
@@ -206,7 +202,11 @@ impl Shim {
             if let Some(path) = self.read(&format!("{backend}/{node}")) {
                 let path = PathBuf::from(path.trim());
                 if is_socket(&path) {
-                    info!("{}: attaching to the serve on {}", name(key), path.display());
+                    info!(
+                        "{}: attaching to the serve on {}",
+                        name(key),
+                        path.display()
+                    );
                     return ServeLink::attach(&path, false);
                 }
             }
@@ -422,10 +422,22 @@ impl Shim {
             return;
         }
         let phase = vbd.phase;
+        let has_serve = vbd.serve.is_some();
         if let Some(vbd) = self.vbds.get_mut(&key) {
             vbd.frontend_state = frontend_state;
         }
         match frontend_state {
+            // A frontend (re)starting on a device whose serve failed or died: start afresh.
+            Some(1 | 2) if !has_serve => {
+                if let Some(vbd) = self.vbds.remove(&key) {
+                    info!(
+                        "{}: frontend reinitialising; opening the device again",
+                        name(key)
+                    );
+                    self.unwatch_frontend(key, &vbd.frontend);
+                    self.create(key, vbd.frontend);
+                }
+            }
             // Initialising or InitWait: a frontend (re)starting.
             Some(1 | 2) => match phase {
                 Phase::InitWait => {}
@@ -580,7 +592,15 @@ impl Shim {
     /// An error for the toolstack: `BE/error`, state Closing, and the log.
     fn fail(&mut self, key: Key, message: &str) {
         error!("{}: {message}", name(key));
-        self.set_phase(key, Phase::Failed);
+        // The machine moves again when the frontend does, from the state it is in now.
+        let frontend_state = self
+            .vbds
+            .get(&key)
+            .and_then(|vbd| parse_state(self.read(&format!("{}/state", vbd.frontend)).as_deref()));
+        if let Some(vbd) = self.vbds.get_mut(&key) {
+            vbd.phase = Phase::Failed;
+            vbd.frontend_state = frontend_state;
+        }
         let written = self.transact(
             &backend_path(key),
             &[
@@ -599,8 +619,7 @@ impl Shim {
         let Some(mut vbd) = self.vbds.remove(&key) else {
             return;
         };
-        let token = format!("{FRONTEND_TOKEN}{}/{}", key.0, key.1);
-        let _ = self.xs.unwatch(&format!("{}/state", vbd.frontend), &token);
+        self.unwatch_frontend(key, &vbd.frontend);
         if let Some(mut serve) = vbd.serve.take() {
             let _ = serve.disconnect();
             let control = serve.control().to_path_buf();
@@ -609,13 +628,22 @@ impl Shim {
             info!(
                 "{}: torn down ({} {})",
                 name(key),
-                if owned { "closed the serve on" } else { "left the toolstack's serve on" },
+                if owned {
+                    "closed the serve on"
+                } else {
+                    "left the toolstack's serve on"
+                },
                 control.display()
             );
         }
         if write_closed {
             self.write_state(key, state::CLOSED);
         }
+    }
+
+    fn unwatch_frontend(&self, key: Key, frontend: &str) {
+        let token = format!("{FRONTEND_TOKEN}{}/{}", key.0, key.1);
+        let _ = self.xs.unwatch(&format!("{frontend}/state"), &token);
     }
 
     /// A serve's report, from its watch stream.

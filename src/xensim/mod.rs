@@ -203,11 +203,15 @@ fn run_over_xenstore(
     workload: &WorkloadConfig,
 ) -> Result<(Outcome, u64, u64)> {
     let socket = args.dir.join("xenstored");
-    let client = Arc::new(crate::xenstore::Client::connect(&socket).map_err(|err| {
-        Error::invalid(format!("xenstore at {}: {err}", socket.display()))
-    })?);
+    let client = Arc::new(
+        crate::xenstore::Client::connect(&socket)
+            .map_err(|err| Error::invalid(format!("xenstore at {}: {err}", socket.display())))?,
+    );
     let timeout = Duration::try_from_secs_f64(args.handshake_timeout).map_err(|err| {
-        Error::invalid(format!("--handshake-timeout {}: {err}", args.handshake_timeout))
+        Error::invalid(format!(
+            "--handshake-timeout {}: {err}",
+            args.handshake_timeout
+        ))
     })?;
     let mut resizes = 0;
     let mut run = 0;
@@ -223,6 +227,9 @@ fn run_over_xenstore(
             return Ok((outcome, sectors.load(Ordering::Acquire), resizes));
         }
         run += 1;
-        eprintln!("ferrotap xensim blkfront: closed; reconnecting ({run} of {})", args.reconnect);
+        eprintln!(
+            "ferrotap xensim blkfront: closed; reconnecting ({run} of {})",
+            args.reconnect
+        );
     }
 }

@@ -143,7 +143,11 @@ impl XenbusFront {
                 return Err(Error::invalid(format!(
                     "{}: backend went to state {current} while the frontend waited for {what}: {}",
                     self.backend,
-                    if error.is_empty() { "no error node" } else { &error }
+                    if error.is_empty() {
+                        "no error node"
+                    } else {
+                        &error
+                    }
                 )));
             }
             let now = Instant::now();
@@ -165,7 +169,11 @@ impl XenbusFront {
     pub fn wait_for_offer(&mut self) -> Result<BackendInfo> {
         self.switch_state(state::INITIALISING)?;
         // Closed is a backend yet to see our reconnect; Closing is one that gave up.
-        self.wait_backend("InitWait", |s| s == state::INIT_WAIT, |s| s == state::CLOSING)?;
+        self.wait_backend(
+            "InitWait",
+            |s| s == state::INIT_WAIT,
+            |s| s == state::CLOSING,
+        )?;
         let discard = self.backend_flag("feature-discard")?;
         let features = Features {
             flush: self.backend_flag("feature-flush-cache")?,
@@ -316,7 +324,11 @@ impl BackendLink for XenbusFront {
         }
         self.write_transport(request)?;
         self.switch_state(state::INITIALISED)?;
-        self.wait_backend("Connected", |s| s == state::CONNECTED, |s| s >= state::CLOSING)?;
+        self.wait_backend(
+            "Connected",
+            |s| s == state::CONNECTED,
+            |s| s >= state::CLOSING,
+        )?;
         self.read_disk(info)?;
         self.switch_state(state::CONNECTED)?;
         self.start_watcher()
