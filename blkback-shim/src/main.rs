@@ -36,9 +36,15 @@ pub struct Args {
     /// `ferrotap` on PATH).
     #[arg(long, value_name = "BIN")]
     pub ferrotap: Option<PathBuf>,
-    /// Where the serves it starts listen (vbd3-<domid>-<devid>.sock) and log
-    /// (vbd3-<domid>-<devid>.log); a restarted shim finds them there.
-    #[arg(long, value_name = "DIR", default_value = "/run/ferrotap")]
+    /// Where the serves it starts listen (vbd3-<domid>-<devid>.sock), log
+    /// (vbd3-<domid>-<devid>.log) and register themselves for `ferrotap ctl`; a restarted
+    /// shim finds them there.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "FERROTAP_RUN_DIR",
+        default_value = "/run/ferrotap"
+    )]
     pub run_dir: PathBuf,
 }
 

@@ -49,6 +49,8 @@ pub struct SpawnSpec<'a> {
     pub xensim: Option<&'a Path>,
     pub control: &'a Path,
     pub log: &'a Path,
+    /// The registry `ferrotap ctl` reads ($FERROTAP_RUN_DIR).
+    pub run_dir: &'a Path,
 }
 
 /// What a serve's watch stream reports to the shim's main loop.
@@ -89,7 +91,8 @@ impl ServeLink {
             .arg("--image")
             .arg(image)
             .arg("--control")
-            .arg(spec.control);
+            .arg(spec.control)
+            .env("FERROTAP_RUN_DIR", spec.run_dir);
         if let Some(format) = format {
             command.args(["--format", format]);
         }

@@ -233,6 +233,7 @@ impl Shim {
             xensim: self.args.xensim.as_deref(),
             control: &control,
             log: &log,
+            run_dir: &self.args.run_dir,
         })?;
         info!(
             "{}: started ferrotap serve --image {} on {}",
