@@ -18,3 +18,4 @@ pub mod serve;
 mod sys;
 pub mod xen;
 pub mod xensim;
+pub mod xenstore;

@@ -11,6 +11,7 @@ pub mod control;
 pub mod guest;
 pub mod workload;
 pub mod xenbus_front;
+pub mod xenstored;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,8 @@ pub enum XensimCommand {
     /// A simulated blkfront: connects to `ferrotap serve` (its control socket, or the XenBus
     /// handshake with --xenstore), runs a workload, reports.
     Blkfront(BlkfrontArgs),
+    /// The simulated host's xenstored, in the foreground: listens on DIR/xenstored.
+    Xenstored(xenstored::XenstoredArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +119,13 @@ pub fn run(command: &XensimCommand) -> i32 {
             Ok(()) => 0,
             Err(err) => {
                 eprintln!("ferrotap xensim blkfront: {err}");
+                1
+            }
+        },
+        XensimCommand::Xenstored(args) => match xenstored::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("ferrotap xensim xenstored: {err}");
                 1
             }
         },
