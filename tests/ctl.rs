@@ -318,7 +318,8 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
     );
     let host = SimHost::new();
     let dirs = Dirs::new();
-    let serve = dirs.serve(&host, &base, &["--devid", "51712"]);
+    // io_uring here (its registered files must follow the pause), AIO in the resize test.
+    let serve = dirs.serve(&host, &base, &["--devid", "51712", "--engine", "uring"]);
     let pid = serve.pid();
     let control = serve.control.to_str().unwrap().to_string();
     let (mut watch, ack) = Watch::open(&serve);
@@ -600,7 +601,7 @@ fn resize_while_connected() {
     );
     let host = SimHost::new();
     let dirs = Dirs::new();
-    let serve = dirs.serve(&host, &image, &["--devid", "768"]);
+    let serve = dirs.serve(&host, &image, &["--devid", "768", "--engine", "aio"]);
     let control = serve.control.to_str().unwrap().to_string();
     let (mut watch, _) = Watch::open(&serve);
     let front = spawn_blkfront(

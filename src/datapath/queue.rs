@@ -243,7 +243,10 @@ impl QueueThread {
         };
         // A device connected while paused starts paused: no image yet.
         if !queue.acquire_image()? {
-            queue.count_paused(true);
+            queue.paused = true;
+            let mut state = queue.shared.image.lock();
+            state.paused_queues += 1;
+            queue.shared.image_changed.notify_all();
         }
         Ok(queue)
     }
@@ -254,11 +257,24 @@ impl QueueThread {
     }
 
     /// Take the image `Shared` holds and register its files with the engine; false when
-    /// there is none (paused).
+    /// there is none, or (resuming) when a new pause was asked meanwhile. Resuming leaves
+    /// the paused count in the same critical section that takes the image, so a pause that
+    /// finds this queue counted as paused also finds it holding nothing.
     fn acquire_image(&mut self) -> Result<bool> {
-        let image = self.shared.image.lock().image.clone();
-        let Some(image) = image else {
-            return Ok(false);
+        let image = {
+            let mut state = self.shared.image.lock();
+            if self.paused && self.shared.pause.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            let Some(image) = state.image.clone() else {
+                return Ok(false);
+            };
+            if self.paused {
+                self.paused = false;
+                state.paused_queues = state.paused_queues.saturating_sub(1);
+                self.shared.image_changed.notify_all();
+            }
+            image
         };
         // The files stay open while this thread holds the image; they are unregistered
         // before it lets go (pause) and the engine goes before the image (drop order).
@@ -273,15 +289,15 @@ impl QueueThread {
         Ok(true)
     }
 
-    fn count_paused(&mut self, paused: bool) {
-        self.paused = paused;
+    /// Nothing in flight: unregister the chain's files, drop the image, count as paused.
+    fn release_image(&mut self) -> Result<()> {
+        self.engine.register_files(&[])?;
+        self.image = None;
+        self.paused = true;
         let mut state = self.shared.image.lock();
-        if paused {
-            state.paused_queues += 1;
-        } else {
-            state.paused_queues = state.paused_queues.saturating_sub(1);
-        }
+        state.paused_queues += 1;
         self.shared.image_changed.notify_all();
+        Ok(())
     }
 
     /// Nothing of this queue in flight: no slot, engine op or worker job.
@@ -293,11 +309,9 @@ impl QueueThread {
     fn follow_pause(&mut self) -> Result<()> {
         let pause = self.shared.pause.load(Ordering::Acquire);
         if pause && !self.paused && self.idle() {
-            self.engine.register_files(&[])?;
-            self.image = None;
-            self.count_paused(true);
-        } else if !pause && self.paused && self.acquire_image()? {
-            self.count_paused(false);
+            self.release_image()?;
+        } else if !pause && self.paused {
+            self.acquire_image()?;
         }
         Ok(())
     }
