@@ -19,3 +19,4 @@ pub mod serve;
 mod sys;
 pub mod xen;
 pub mod xensim;
+pub mod xenstore;

@@ -9,6 +9,7 @@ pub mod blkfront;
 pub mod control;
 pub mod guest;
 pub mod workload;
+pub mod xenstored;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +25,8 @@ use workload::{Stop, WorkloadConfig, WorkloadKind};
 pub enum XensimCommand {
     /// A simulated blkfront: connects to `ferrotap serve`, runs a workload, reports.
     Blkfront(BlkfrontArgs),
+    /// The simulated host's xenstored, in the foreground: listens on DIR/xenstored.
+    Xenstored(xenstored::XenstoredArgs),
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +98,13 @@ pub fn run(command: &XensimCommand) -> i32 {
             Ok(()) => 0,
             Err(err) => {
                 eprintln!("ferrotap xensim blkfront: {err}");
+                1
+            }
+        },
+        XensimCommand::Xenstored(args) => match xenstored::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("ferrotap xensim xenstored: {err}");
                 1
             }
         },
