@@ -107,6 +107,12 @@ impl Error {
         self.offset
     }
 
+    /// Whether this is a "no such file or node" error: an OS ENOENT, or xenstored's ENOENT
+    /// (the xenstore client reports xenstored's errors as I/O errors with their errno).
+    pub fn is_not_found(&self) -> bool {
+        self.raw_os_error() == Some(libc::ENOENT)
+    }
+
     /// The OS error number, when this is an I/O error (used for blkif/NBD status mapping).
     pub fn raw_os_error(&self) -> Option<i32> {
         self.source.as_ref().and_then(io::Error::raw_os_error)

@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod blkif;
+pub mod ctl;
 pub mod datapath;
 pub mod demo;
 pub mod engine;
@@ -19,3 +20,4 @@ pub mod serve;
 mod sys;
 pub mod xen;
 pub mod xensim;
+pub mod xenstore;
