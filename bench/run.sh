@@ -2,13 +2,15 @@
 # ferrotap's benchmarks. Usage:
 #   bench/run.sh image [--quick] [--dir DIR]... [--jobs N] [--runtime-ms MS] [--size-mib MIB] [--out FILE]
 #   bench/run.sh ring [--quick | --options] [--dir DIR]... [--rounds N] [--runtime-ms MS] [--out FILE]
-# Builds ferrotap and ferrotap-bench in release, then runs the image-layer benchmark (image)
-# or ferrotap serve under the simulated blkfront (ring), beside fio.
+#   bench/run.sh nbd [--quick] [--peer NAME=URI]... [--dir DIR] [--rounds N] [--runtime-ms MS] [--out FILE]
+# Builds ferrotap and ferrotap-bench in release, then runs the image-layer benchmark (image),
+# ferrotap serve under the simulated blkfront (ring), beside fio, or ferrotap nbd beside
+# qemu-nbd and nbdkit under fio's nbd engine (nbd).
 # See bench/README.md for what is measured and how to read it.
 set -euo pipefail
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -16,10 +18,10 @@ usage() {
 suite=$1
 shift
 case "$suite" in
-image | ring) ;;
+image | ring | nbd) ;;
 -h | --help) usage ;;
 *)
-    echo "run.sh: unknown benchmark '$suite' (known: image, ring)" >&2
+    echo "run.sh: unknown benchmark '$suite' (known: image, ring, nbd)" >&2
     exit 2
     ;;
 esac

@@ -64,7 +64,7 @@ pub fn run(file: &Path, config: &PointConfig) -> Result<Measured> {
 }
 
 /// The figures of fio's (group-reported) job; `rss_mib` is left for the caller.
-fn parse(report: &Value, workload: Workload, jobs: u64) -> Result<Measured> {
+pub fn parse(report: &Value, workload: Workload, jobs: u64) -> Result<Measured> {
     let job = report
         .get("jobs")
         .and_then(|jobs| jobs.get(0))

@@ -2,12 +2,14 @@
 //! qcow2; preallocated and empty) beside fio on the same raw file, in one run, on each
 //! backing directory given. `point` is the child process that measures one ferrotap point.
 //! `ring` measures `ferrotap serve` on xensim under the simulated blkfront, beside fio with
-//! io_uring.
+//! io_uring. `nbd` measures `ferrotap nbd` beside qemu-nbd and nbdkit under fio's nbd
+//! engine.
 
 #![deny(clippy::unwrap_used)]
 
 mod fio;
 mod histogram;
+mod nbd;
 mod pattern;
 mod point;
 mod procfs;
@@ -82,6 +84,8 @@ enum Cli {
     Image(suite::ImageArgs),
     /// `ferrotap serve` on xensim under the simulated blkfront, beside fio (io_uring).
     Ring(ring::RingArgs),
+    /// fio's nbd engine against `ferrotap nbd`, qemu-nbd and nbdkit on raw, qcow2 and VHD.
+    Nbd(nbd::NbdArgs),
     /// (internal) Measure one ferrotap point and print its totals as JSON.
     #[command(hide = true)]
     Point(point::PointSpec),
@@ -91,6 +95,7 @@ fn main() {
     let result = match Cli::parse() {
         Cli::Image(args) => suite::run(&args),
         Cli::Ring(args) => ring::run(&args),
+        Cli::Nbd(args) => nbd::run(&args),
         Cli::Point(spec) => point::run(&spec).and_then(|result| {
             serde_json::to_string(&result)
                 .map(|line| println!("{line}"))

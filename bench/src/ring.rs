@@ -569,7 +569,7 @@ struct Idle {
 }
 
 /// The ferrotap binary next to ferrotap-bench (run.sh builds both).
-fn default_ferrotap() -> Result<PathBuf> {
+pub fn default_ferrotap() -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| format!("locating ferrotap-bench: {e}"))?;
     let bin = exe.with_file_name("ferrotap");
     if bin.is_file() {
