@@ -457,10 +457,16 @@ fn nbdcopy_and_qemu_img_convert_out_and_in() {
 }
 
 /// fio's nbd engine (libnbd) writes with verification headers at depth 16 on two
-/// connections at once, then reads everything back and checks it.
+/// connections at once, then reads everything back and checks it: on a disk (O_DIRECT,
+/// several threads per connection, small batches) and on tmpfs (buffered, one thread
+/// taking batches of up to 32 requests).
 #[test]
 fn fio_nbd_engine_verifies() {
-    let dir = TempDir::new().unwrap();
+    fio_verify(TempDir::new().unwrap());
+    fio_verify(TempDir::new_in("/dev/shm").unwrap());
+}
+
+fn fio_verify(dir: TempDir) {
     let image = dir.path().join("fio.qcow2");
     qemu_img(&["create", "-f", "qcow2", p(&image), "64M"]);
     let server = Server::start(dir.path(), &image, &[]);

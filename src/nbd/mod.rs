@@ -12,7 +12,7 @@ pub mod server;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,8 @@ use crate::image::{Format, Image, ImageOptions};
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket buffer size asked for each way.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Bytes of the zero buffer NBD_CMD_WRITE_ZEROES with NO_HOLE writes from.
 const ZERO_BUFFER: usize = 1024 * 1024;
 
@@ -136,6 +138,34 @@ impl Socket {
         }
     }
 
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Ask for socket buffers of [`SOCKET_BUFFER`] bytes each way (the kernel caps them at
+    /// net.core.wmem_max / rmem_max): a 1 MiB reply then goes out in one piece instead of
+    /// waiting for the client to drain the default 208 KiB.
+    fn enlarge_buffers(&self) {
+        let size = SOCKET_BUFFER as libc::c_int;
+        for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt reads one c_int through the pointer, which points at a live
+            // local of that type and size; the fd is this socket's, open while `self` lives.
+            // A refusal only leaves the default size, so its result is not checked.
+            unsafe {
+                libc::setsockopt(
+                    self.raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
     pub fn shutdown(&self) -> io::Result<()> {
         match self {
             Socket::Unix(s) => s.shutdown(Shutdown::Both),
@@ -192,8 +222,38 @@ impl Write for Socket {
     }
 }
 
+/// How each connection is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Threads per connection, taking turns at reading requests.
+    pub threads: usize,
+    /// Most requests a thread takes at once.
+    pub batch: usize,
+}
+
+impl Tuning {
+    /// Memory-speed storage (tmpfs, the page cache) is served best by one thread per
+    /// connection taking whole batches: one read and one writev for many requests and no
+    /// thread switch (on tmpfs, 4 KiB random reads at QD32: ~10 us of CPU per request
+    /// against ~15 with 2-4 threads, and the most IOPS). O_DIRECT storage needs requests in
+    /// flight at once: more threads, small batches.
+    pub fn for_image(direct: bool) -> Tuning {
+        if direct {
+            Tuning {
+                threads: 8,
+                batch: 4,
+            }
+        } else {
+            Tuning {
+                threads: 1,
+                batch: server::MAX_BATCH,
+            }
+        }
+    }
+}
+
 /// Handshake then transmission on one connection; returns when it closes.
-pub fn serve_connection(mut socket: Socket, export: &Arc<Export>, threads: usize) {
+pub fn serve_connection(mut socket: Socket, export: &Arc<Export>, tuning: Tuning) {
     if socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).is_err() {
         return;
     }
@@ -204,8 +264,9 @@ pub fn serve_connection(mut socket: Socket, export: &Arc<Export>, threads: usize
     if socket.set_read_timeout(None).is_err() {
         return;
     }
-    if let Ok(connection) = server::Connection::new(socket, session) {
-        connection.run(threads);
+    socket.enlarge_buffers();
+    if let Ok(connection) = server::Connection::new(socket, session, tuning.batch) {
+        connection.run(tuning.threads);
     }
 }
 
@@ -234,9 +295,14 @@ pub struct NbdArgs {
     /// The export's name (the default name "" is accepted too).
     #[arg(long, default_value = "")]
     pub export_name: String,
-    /// Threads per connection (each reads, runs and answers requests in turn).
-    #[arg(long, default_value_t = 4)]
-    pub threads: usize,
+    /// Threads per connection, taking turns at reading requests (default: 1 for an image
+    /// served through memory, 8 with O_DIRECT).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub threads: Option<u64>,
+    /// Most requests a thread takes and answers at once (default: 32 through memory, 4 with
+    /// O_DIRECT).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=32))]
+    pub batch: Option<u64>,
     /// Most connections served at once; more are closed at once.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
@@ -279,6 +345,7 @@ fn open_image(args: &NbdArgs) -> Result<Image> {
 
 pub fn run(args: &NbdArgs) -> Result<()> {
     let image = open_image(args)?;
+    let default = Tuning::for_image(image.top().file().is_direct());
     let read_only = args.read_only || image.read_only();
     let description = format!("ferrotap: {}", args.image.display());
     let export = Arc::new(Export::new(
@@ -287,11 +354,14 @@ pub fn run(args: &NbdArgs) -> Result<()> {
         Arc::new(image),
         read_only,
     ));
-    let threads = args.threads.clamp(1, 64);
+    let tuning = Tuning {
+        threads: args.threads.map_or(default.threads, |n| n as usize),
+        batch: args.batch.map_or(default.batch, |n| n as usize),
+    };
     if let Some(fd) = args.fd {
         let socket = Socket::from_inherited_fd(fd)
             .map_err(|e| Error::io(&format!("adopt socket fd {fd}"), e))?;
-        serve_connection(socket, &export, threads);
+        serve_connection(socket, &export, tuning);
         return Ok(());
     }
     let listener = match args.tcp {
@@ -322,7 +392,7 @@ pub fn run(args: &NbdArgs) -> Result<()> {
             Listener::Unix(listener)
         }
     };
-    accept_loop(&listener, &export, threads, args.max_connections);
+    accept_loop(&listener, &export, tuning, args.max_connections);
     Ok(())
 }
 
@@ -362,7 +432,7 @@ impl Listener {
 }
 
 /// Serve each connection on its own threads, at most `max_connections` at once.
-fn accept_loop(listener: &Listener, export: &Arc<Export>, threads: usize, max_connections: usize) {
+fn accept_loop(listener: &Listener, export: &Arc<Export>, tuning: Tuning, max_connections: usize) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let socket = match listener.accept() {
@@ -382,7 +452,7 @@ fn accept_loop(listener: &Listener, export: &Arc<Export>, threads: usize, max_co
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                serve_connection(socket, &export, threads);
+                serve_connection(socket, &export, tuning);
                 active_here.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {

@@ -1,12 +1,15 @@
 //! The transmission phase of one connection.
 //!
-//! Requests are pipelined: a few threads per connection take turns as the reader (the one
-//! holding `input` parses the next request, and its payload for a write, from a buffered
-//! socket), then run the request themselves and write the reply under `output`. Replies
-//! thus leave in completion order, matched by handle as the protocol allows, and no
-//! request is handed from thread to thread. Each thread keeps one data buffer for its
-//! whole life, so steady state allocates nothing; memory per connection is bounded by
-//! threads x [`MAX_REQUEST_LEN`] plus the input buffer.
+//! Requests are pipelined and batched: a few threads per connection take turns as the
+//! reader. The one holding `input` takes the next request from a buffered socket (blocking
+//! for it) and, without blocking again, every further request already buffered, up to a
+//! batch; it releases `input`, runs the batch and sends all its replies with one writev
+//! under `output`. Replies thus leave in completion order, matched by handle as the
+//! protocol allows; no request is handed from thread to thread, and at high queue depth one
+//! read(2) and one writev(2) serve many requests. Each thread keeps one page-aligned arena
+//! for its batch's data (O_DIRECT needs no bounce), so steady state allocates nothing;
+//! memory per connection is bounded by threads x ([`MAX_REQUEST_LEN`] while such a request
+//! runs, [`RETAINED_ARENA`] otherwise) plus the input buffer.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +20,12 @@ use super::handshake::{Session, MAX_REQUEST_LEN};
 use super::proto::*;
 use super::Socket;
 use crate::error::{Error, ErrorKind};
+use crate::image::file::{AlignedBuf, DIRECT_ALIGN};
 
 /// Bytes read from the socket at a time: many 28-byte headers per read(2) at high depth.
 const INPUT_BUFFER: usize = 256 * 1024;
-/// A thread's data buffer is kept up to this size between requests; larger ones are freed.
-const RETAINED_BUFFER: usize = 4 * 1024 * 1024;
+/// Most requests in one batch (one writev carries two slices per reply).
+pub const MAX_BATCH: usize = 32;
 /// Most descriptors in one block status reply.
 const MAX_DESCRIPTORS: usize = 1024;
 
@@ -152,6 +156,24 @@ impl Input {
         Ok(Some(header))
     }
 
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The next request header if it is wholly buffered, left in the buffer.
+    fn peek_header(&self) -> Option<[u8; REQUEST_LEN]> {
+        if self.buffered() < REQUEST_LEN {
+            return None;
+        }
+        let mut header = [0u8; REQUEST_LEN];
+        header.copy_from_slice(&self.buf[self.start..self.start + REQUEST_LEN]);
+        Some(header)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+
     /// Fill `out` with the next bytes of the stream: what is buffered, then straight from
     /// the socket (large write payloads are not copied twice).
     fn payload(&mut self, out: &mut [u8]) -> io::Result<()> {
@@ -171,20 +193,60 @@ pub struct Connection {
     /// A handle for shutdown(2), usable without either lock.
     control: Socket,
     closing: AtomicBool,
+    /// Most requests one thread takes at a time.
+    batch: usize,
 }
 
 /// What a request produced, to be sent as its reply.
+#[derive(Debug, Clone, Copy)]
 enum Outcome {
     Done,
-    /// `data[..len]` was read.
+    /// This many bytes were read into the request's arena space.
     Data(usize),
-    /// `data[..len]` holds block status descriptors.
+    /// This many bytes of block status (context id and descriptors) are there.
     Status(usize),
     Failed(u32, &'static str),
 }
 
+/// One request of a batch.
+struct Slot {
+    request: Request,
+    action: Result<Action, u32>,
+    /// Its space in the arena: `arena[start..start + len]`.
+    start: usize,
+    len: usize,
+    outcome: Outcome,
+    /// The encoded reply header (and the error's fixed fields).
+    header: [u8; CHUNK_HEADER_LEN + 8],
+    header_len: usize,
+}
+
+/// A thread's requests in flight and their data.
+struct Batch {
+    slots: Vec<Slot>,
+    arena: AlignedBuf,
+}
+
+/// Bytes of arena a block status reply may fill: context id and descriptors.
+const STATUS_BYTES: usize = 4 + 8 * MAX_DESCRIPTORS;
+/// A batch stops taking requests once their data reaches this many bytes.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Arena kept between batches (a larger one, for a single big request, is freed after).
+const RETAINED_ARENA: usize = 2 * BATCH_BYTES;
+
+/// Arena bytes a request needs, rounded up so that the next one starts page-aligned.
+fn arena_need(request: &Request) -> usize {
+    let bytes = match request.command {
+        CMD_READ if request.len <= MAX_REQUEST_LEN => request.len as usize,
+        CMD_WRITE => request.len as usize,
+        CMD_BLOCK_STATUS => STATUS_BYTES,
+        _ => 0,
+    };
+    bytes.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
 impl Connection {
-    pub fn new(socket: Socket, session: Session) -> io::Result<Connection> {
+    pub fn new(socket: Socket, session: Session, batch: usize) -> io::Result<Connection> {
         let limits = Limits {
             size: session.export.size(),
             read_only: session.export.read_only,
@@ -203,6 +265,7 @@ impl Connection {
             control: socket,
             session,
             closing: AtomicBool::new(false),
+            batch: batch.max(1),
         })
     }
 
@@ -223,86 +286,128 @@ impl Connection {
     }
 
     fn worker(&self) {
-        let mut data: Vec<u8> = Vec::new();
-        while let Some((request, action)) = self.next_request(&mut data) {
-            let outcome = match action {
-                Ok(action) => self.execute(&request, action, &mut data),
-                Err(errno) => Outcome::Failed(errno, "request refused"),
-            };
-            if self.reply(&request, outcome, &data).is_err() {
+        let mut batch = Batch {
+            slots: Vec::with_capacity(self.batch),
+            arena: AlignedBuf::zeroed(RETAINED_ARENA),
+        };
+        while self.next_batch(&mut batch) {
+            let Batch { slots, arena } = &mut batch;
+            let arena = arena.as_mut_slice();
+            for slot in slots.iter_mut() {
+                let space = &mut arena[slot.start..slot.start + slot.len];
+                slot.outcome = match slot.action {
+                    Ok(action) => self.execute(&slot.request, action, space),
+                    Err(errno) => Outcome::Failed(errno, "request refused"),
+                };
+                self.encode_header(slot);
+            }
+            if self.reply(slots, arena).is_err() {
                 self.close();
                 return;
             }
-            if data.len() > RETAINED_BUFFER {
-                data.truncate(RETAINED_BUFFER);
-                data.shrink_to_fit();
+            if batch.arena.as_slice().len() > RETAINED_ARENA {
+                batch.arena = AlignedBuf::zeroed(RETAINED_ARENA);
             }
         }
     }
 
-    /// Read the next request (and a write's payload into `data`) under the input lock.
-    /// `None` when the connection is over.
-    fn next_request(&self, data: &mut Vec<u8>) -> Option<(Request, Result<Action, u32>)> {
+    /// Take the next requests (and write payloads into the arena) under the input lock:
+    /// the first waiting for it, more only while already buffered. `false` when the
+    /// connection is over.
+    fn next_batch(&self, batch: &mut Batch) -> bool {
+        batch.slots.clear();
         let mut input = self.input.lock();
         if self.closing.load(Ordering::Acquire) {
-            return None;
+            return false;
         }
-        let header = match input.header() {
-            Ok(Some(header)) => header,
-            Ok(None) | Err(_) => {
-                drop(input);
-                self.close();
-                return None;
+        let mut used = 0;
+        loop {
+            let request = if batch.slots.is_empty() {
+                let header = match input.header() {
+                    Ok(Some(header)) => header,
+                    Ok(None) | Err(_) => break,
+                };
+                let Some(request) = Request::parse(&header) else {
+                    break;
+                };
+                if request.command == CMD_WRITE && request.len > MAX_REQUEST_LEN {
+                    // Past the announced maximum block size: a breach of a MUST, and
+                    // skipping up to 4 GiB of payload is not worth it. Hard disconnect.
+                    break;
+                }
+                let need = arena_need(&request);
+                if need > batch.arena.as_slice().len() {
+                    batch.arena = AlignedBuf::zeroed(need);
+                }
+                request
+            } else {
+                if batch.slots.len() == self.batch || used >= BATCH_BYTES {
+                    return true;
+                }
+                // A bad header is left for the next reader, which closes the connection.
+                let Some(request) = input.peek_header().and_then(|h| Request::parse(&h)) else {
+                    return true;
+                };
+                let payload = if request.command == CMD_WRITE {
+                    request.len as usize
+                } else {
+                    0
+                };
+                if input.buffered() < REQUEST_LEN + payload
+                    || used + arena_need(&request) > batch.arena.as_slice().len()
+                {
+                    return true;
+                }
+                input.consume(REQUEST_LEN);
+                request
+            };
+            let need = arena_need(&request);
+            if request.command == CMD_WRITE {
+                let len = request.len as usize;
+                if input
+                    .payload(&mut batch.arena.as_mut_slice()[used..used + len])
+                    .is_err()
+                {
+                    break;
+                }
             }
-        };
-        let Some(request) = Request::parse(&header) else {
-            drop(input);
-            self.close();
-            return None;
-        };
-        if request.command == CMD_WRITE {
-            if request.len > MAX_REQUEST_LEN {
-                // Past the announced maximum block size: a breach of a MUST, and skipping
-                // up to 4 GiB of payload is not worth it. Hard disconnect.
-                drop(input);
-                self.close();
-                return None;
+            let action = validate(&request, &self.limits);
+            if action == Ok(Action::Disconnect) {
+                // Requests already taken finish; nobody reads after this.
+                self.closing.store(true, Ordering::Release);
+                return !batch.slots.is_empty();
             }
-            let len = request.len as usize;
-            if data.len() < len {
-                data.resize(len, 0);
-            }
-            if input.payload(&mut data[..len]).is_err() {
-                drop(input);
-                self.close();
-                return None;
-            }
+            batch.slots.push(Slot {
+                request,
+                action,
+                start: used,
+                len: need,
+                outcome: Outcome::Done,
+                header: [0; CHUNK_HEADER_LEN + 8],
+                header_len: 0,
+            });
+            used += need;
         }
-        let action = validate(&request, &self.limits);
-        if action == Ok(Action::Disconnect) {
-            // Requests already taken finish; nobody reads after this.
-            self.closing.store(true, Ordering::Release);
-            return None;
-        }
-        Some((request, action))
+        // End of stream, a broken stream or a protocol breach: whatever was taken is
+        // dropped with the connection.
+        drop(input);
+        self.close();
+        false
     }
 
-    fn execute(&self, request: &Request, action: Action, data: &mut Vec<u8>) -> Outcome {
+    fn execute(&self, request: &Request, action: Action, space: &mut [u8]) -> Outcome {
         let backend = &*self.session.export.backend;
         let offset = request.offset;
         let len = request.len as usize;
         let fua = request.flags & CMD_FLAG_FUA != 0;
         let result = match action {
             Action::Read => {
-                if data.len() < len {
-                    data.resize(len, 0);
-                }
-                return match backend.read_at(&mut data[..len], offset) {
+                return match backend.read_at(&mut space[..len], offset) {
                     Ok(()) => Outcome::Data(len),
-                    Err(err) => self.failed(&err),
+                    Err(err) => failed(&err),
                 };
             }
-            Action::Write => backend.write_at(&data[..len], offset),
+            Action::Write => backend.write_at(&space[..len], offset),
             Action::Flush => backend.flush(),
             Action::Trim => backend.discard(offset, len as u64),
             Action::WriteZeroes => {
@@ -316,9 +421,9 @@ impl Connection {
                 }
             }
             Action::BlockStatus => {
-                return match self.block_status(request, data) {
+                return match self.block_status(request, space) {
                     Ok(n) => Outcome::Status(n),
-                    Err(err) => self.failed(&err),
+                    Err(err) => failed(&err),
                 }
             }
             Action::Disconnect => return Outcome::Done,
@@ -331,16 +436,8 @@ impl Connection {
             }
         }) {
             Ok(()) => Outcome::Done,
-            Err(err) => self.failed(&err),
+            Err(err) => failed(&err),
         }
-    }
-
-    fn failed(&self, err: &Error) -> Outcome {
-        let errno = errno_of(err);
-        if errno == EIO {
-            eprintln!("ferrotap nbd: {err}");
-        }
-        Outcome::Failed(errno, "I/O failed")
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> crate::error::Result<()> {
@@ -357,12 +454,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Fill `data` with the descriptors of `base:allocation` for the request's range:
-    /// context id, then (length, flags) pairs, adjacent runs of equal flags merged.
-    fn block_status(&self, request: &Request, data: &mut Vec<u8>) -> crate::error::Result<usize> {
+    /// Write `base:allocation` for the request's range into `out`: context id, then
+    /// (length, flags) descriptors, adjacent runs of equal flags merged. Returns the bytes.
+    fn block_status(&self, request: &Request, out: &mut [u8]) -> crate::error::Result<usize> {
         let backend = &*self.session.export.backend;
         let one = request.flags & CMD_FLAG_REQ_ONE != 0;
-        let mut descriptors: Vec<(u32, u32)> = Vec::new();
+        let context = self.session.allocation_context.unwrap_or(0);
+        out[0..4].copy_from_slice(&context.to_be_bytes());
+        let mut count = 0usize;
+        let mut last: Option<(u32, u32)> = None;
         let end = request.offset + u64::from(request.len);
         let mut offset = request.offset;
         while offset < end {
@@ -372,39 +472,41 @@ impl Connection {
             } else {
                 0
             };
+            // The length fits: it is at most the request's, a u32.
             let len = status.len as u32;
-            let count = descriptors.len();
-            match descriptors.last_mut() {
-                Some(last) if last.1 == flags => last.0 += len,
+            let (total, at) = match last {
+                Some((total, last_flags)) if last_flags == flags => (total + len, count - 1),
                 _ if (one && count > 0) || count == MAX_DESCRIPTORS => break,
-                _ => descriptors.push((len, flags)),
-            }
+                _ => {
+                    count += 1;
+                    (len, count - 1)
+                }
+            };
+            out[4 + at * 8..8 + at * 8].copy_from_slice(&total.to_be_bytes());
+            out[8 + at * 8..12 + at * 8].copy_from_slice(&flags.to_be_bytes());
+            last = Some((total, flags));
             offset += status.len;
         }
-        let bytes = 4 + descriptors.len() * 8;
-        if data.len() < bytes {
-            data.resize(bytes, 0);
-        }
-        let context = self.session.allocation_context.unwrap_or(0);
-        data[0..4].copy_from_slice(&context.to_be_bytes());
-        for (i, (len, flags)) in descriptors.iter().enumerate() {
-            data[4 + i * 8..8 + i * 8].copy_from_slice(&len.to_be_bytes());
-            data[8 + i * 8..12 + i * 8].copy_from_slice(&flags.to_be_bytes());
-        }
-        Ok(bytes)
+        Ok(4 + count * 8)
     }
 
-    fn reply(&self, request: &Request, outcome: Outcome, data: &[u8]) -> io::Result<()> {
-        let handle = request.handle;
-        let mut header = [0u8; CHUNK_HEADER_LEN + 8];
-        let (head, body): (&[u8], &[u8]) = match (outcome, self.limits.structured) {
-            (Outcome::Done, _) => {
+    /// The reply header of `slot`'s outcome, into `slot.header`.
+    fn encode_header(&self, slot: &mut Slot) {
+        let handle = slot.request.handle;
+        let header = &mut slot.header;
+        slot.header_len = match (slot.outcome, self.limits.structured) {
+            (Outcome::Done | Outcome::Data(_), false) => {
                 header[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(handle, 0));
-                (&header[..SIMPLE_REPLY_LEN], &[])
+                SIMPLE_REPLY_LEN
             }
-            (Outcome::Data(len), false) => {
+            (Outcome::Failed(errno, _), false) => {
+                header[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(handle, errno));
+                SIMPLE_REPLY_LEN
+            }
+            (Outcome::Done, true) => {
+                // A simple reply is allowed for anything but reads when structured.
                 header[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(handle, 0));
-                (&header[..SIMPLE_REPLY_LEN], &data[..len])
+                SIMPLE_REPLY_LEN
             }
             (Outcome::Data(len), true) => {
                 header[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
@@ -413,8 +515,8 @@ impl Connection {
                     REPLY_TYPE_OFFSET_DATA,
                     len as u32 + 8,
                 ));
-                header[CHUNK_HEADER_LEN..].copy_from_slice(&request.offset.to_be_bytes());
-                (&header[..], &data[..len])
+                header[CHUNK_HEADER_LEN..].copy_from_slice(&slot.request.offset.to_be_bytes());
+                CHUNK_HEADER_LEN + 8
             }
             (Outcome::Status(len), _) => {
                 header[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
@@ -423,14 +525,9 @@ impl Connection {
                     REPLY_TYPE_BLOCK_STATUS,
                     len as u32,
                 ));
-                (&header[..CHUNK_HEADER_LEN], &data[..len])
+                CHUNK_HEADER_LEN
             }
-            (Outcome::Failed(errno, _), false) => {
-                header[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(handle, errno));
-                (&header[..SIMPLE_REPLY_LEN], &[])
-            }
-            (Outcome::Failed(errno, text), true) => {
-                let message = text.as_bytes();
+            (Outcome::Failed(errno, message), true) => {
                 header[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
                     handle,
                     REPLY_FLAG_DONE,
@@ -441,12 +538,36 @@ impl Connection {
                     .copy_from_slice(&errno.to_be_bytes());
                 header[CHUNK_HEADER_LEN + 4..CHUNK_HEADER_LEN + 6]
                     .copy_from_slice(&(message.len() as u16).to_be_bytes());
-                (&header[..CHUNK_HEADER_LEN + 6], message)
+                CHUNK_HEADER_LEN + 6
             }
         };
-        let mut output = self.output.lock();
-        write_all_vectored(&mut *output, &mut [IoSlice::new(head), IoSlice::new(body)])
     }
+
+    /// Send every reply of the batch with one writev (more if the socket takes less).
+    fn reply(&self, slots: &[Slot], arena: &[u8]) -> io::Result<()> {
+        let mut iovecs = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        let mut count = 0;
+        for slot in slots {
+            iovecs[count] = IoSlice::new(&slot.header[..slot.header_len]);
+            let body: &[u8] = match slot.outcome {
+                Outcome::Data(len) | Outcome::Status(len) => &arena[slot.start..slot.start + len],
+                Outcome::Failed(_, message) if self.limits.structured => message.as_bytes(),
+                _ => &[],
+            };
+            iovecs[count + 1] = IoSlice::new(body);
+            count += 2;
+        }
+        let mut output = self.output.lock();
+        write_all_vectored(&mut *output, &mut iovecs[..count])
+    }
+}
+
+fn failed(err: &Error) -> Outcome {
+    let errno = errno_of(err);
+    if errno == EIO {
+        eprintln!("ferrotap nbd: {err}");
+    }
+    Outcome::Failed(errno, "I/O failed")
 }
 
 /// writev until every byte of `slices` is written.
