@@ -16,6 +16,7 @@ pub mod image;
 pub mod img;
 pub mod serve;
 mod sys;
+pub mod toolstack;
 pub mod xen;
 pub mod xensim;
 pub mod xenstore;
