@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod blkif;
+pub mod ctl;
 pub mod datapath;
 pub mod demo;
 pub mod engine;

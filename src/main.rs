@@ -1,4 +1,5 @@
-//! The `ferrotap` command: `img` (qemu-img's verbs on ferrotap's image layer) and `demo`.
+//! The `ferrotap` command: `img` (qemu-img's verbs on ferrotap's image layer), `serve` (one
+//! VBD's datapath), `ctl` (tap-ctl's verbs for serves), `xensim` and `demo`.
 
 #![deny(clippy::unwrap_used)]
 
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use ferrotap::ctl::{self, CtlArgs};
 use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
 use ferrotap::serve::{self, ServeArgs};
@@ -32,6 +34,9 @@ enum Command {
     },
     /// Serve one VBD: open the image chain, listen on a control socket, serve the rings.
     Serve(ServeArgs),
+    /// Control running serves (tap-ctl's verbs): list, info, stats, pause, unpause, resize,
+    /// watch, close.
+    Ctl(CtlArgs),
     /// Run a self-contained tour of the image layer in a temporary directory.
     Demo(DemoArgs),
     /// Give a guest a vbd3 disk by hand (the toolstack's xenstore writes), or take it away.
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
     let code = match &cli.command {
         Command::Img { command } => img::run(command),
         Command::Xensim { command } => xensim::run(command),
+        Command::Ctl(args) => ctl::run(args),
         Command::Serve(args) => match serve::run(args) {
             Ok(()) => 0,
             Err(err) => {
