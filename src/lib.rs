@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod img;
+pub mod nbd;
 pub mod serve;
 mod sys;
 pub mod xen;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use ferrotap::ctl::{self, CtlArgs};
 use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
+use ferrotap::nbd::{self, NbdArgs};
 use ferrotap::serve::{self, ServeArgs};
 use ferrotap::xensim::{self, XensimCommand};
 
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Serve one VBD: open the image chain, listen on a control socket, serve the rings.
     Serve(ServeArgs),
+    /// Export an image chain over NBD (unix socket, TCP or an inherited socket fd).
+    Nbd(NbdArgs),
     /// Control running serves (tap-ctl's verbs): list, info, stats, pause, unpause, resize,
     /// watch, close.
     Ctl(CtlArgs),
@@ -52,6 +55,13 @@ fn main() -> ExitCode {
         Command::Xensim { command } => xensim::run(command),
         Command::Ctl(args) => ctl::run(args),
         Command::Serve(args) => match serve::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                img::report_error(&err);
+                1
+            }
+        },
+        Command::Nbd(args) => match nbd::run(args) {
             Ok(()) => 0,
             Err(err) => {
                 img::report_error(&err);
