@@ -475,17 +475,27 @@ impl Device {
     /// Finish every request in flight, take no new ones (they wait on the ring: the guest
     /// sees a delay), then flush and close the chain. Returns once nothing holds its files.
     pub fn pause(&mut self) -> Result<()> {
-        let Some(image) = self.image.as_ref() else {
+        let Some(image) = self.image.clone() else {
             return Ok(());
         };
         if let Some(connection) = &self.connection {
             connection.quiesce()?;
+        }
+        // Nothing in flight now; on any failure below, serve on as before.
+        let restore = |device: &mut Device, image: Arc<Image>, err: Error| {
+            if let Some(connection) = &device.connection {
+                connection.resume(&image, device.sectors);
+            }
+            device.image = Some(image);
+            Err(err)
+        };
+        if let Err(err) = image.flush() {
+            return restore(self, image, err);
+        }
+        if let Some(connection) = &self.connection {
             connection.shared.image.lock().image = None;
         }
-        image.flush()?;
-        let Some(image) = self.image.take() else {
-            return Ok(());
-        };
+        self.image = None;
         // The queues dropped their references before counting themselves paused, and
         // their workers' jobs (which hold the image too) were all collected by then.
         match Arc::try_unwrap(image) {
@@ -493,12 +503,11 @@ impl Device {
                 drop(image);
                 Ok(())
             }
-            Err(image) => {
-                self.image = Some(image);
-                Err(Error::invalid(
-                    "the image is still referenced after the queues paused; not closed",
-                ))
-            }
+            Err(image) => restore(
+                self,
+                image,
+                Error::invalid("the image is still referenced after the queues paused"),
+            ),
         }
     }
 
