@@ -415,6 +415,13 @@ fn handshake_and_verified_io_through_the_shim_on_qcow2() {
     // The toolstack removes the device: the serve closes the image, leaving no socket.
     let socket = host.serve_socket(&vbd);
     assert!(socket.exists());
+    // kthread-pid names the serve (xcp-rrdd finds its stats files through it).
+    let pids = processes_naming(&socket);
+    assert_eq!(
+        host.stock_read(&format!("{be}/kthread-pid")),
+        Some(pids[0].to_string()),
+        "{pids:?}"
+    );
     toolstack::remove(&host.xs, &vbd);
     wait_serve_gone(&socket);
     run_ok(

@@ -163,6 +163,14 @@ impl ServeLink {
         self.client.info().map_err(|err| err.to_string())
     }
 
+    /// The serve's process id, as its `info` reports it.
+    pub fn pid(&mut self) -> Option<u64> {
+        self.request(&json!({"op": "info"}))
+            .ok()?
+            .get("pid")
+            .and_then(Value::as_u64)
+    }
+
     /// The exit status of a serve this shim started, once it is gone.
     pub fn exited(&mut self) -> Option<String> {
         let status = self.child.as_mut()?.try_wait().ok()??;

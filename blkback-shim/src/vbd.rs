@@ -545,6 +545,8 @@ impl Shim {
                 return;
             }
         };
+        // Where xcp-rrdd finds the process whose stats files to read (tapback does the same).
+        let pid = serve.pid();
         let mut bits = 0;
         if cdrom {
             bits |= VDISK_CDROM;
@@ -557,18 +559,19 @@ impl Shim {
         } else {
             info.physical_sector_size
         };
-        let written = self.transact(
-            &backend_path(key),
-            &[
-                ("sectors", Some(info.sectors.to_string())),
-                ("sector-size", Some(info.sector_size.to_string())),
-                ("physical-sector-size", Some(physical.to_string())),
-                ("info", Some(bits.to_string())),
-                // An error of an earlier attempt no longer holds.
-                ("error", None),
-                ("state", Some(state::CONNECTED.to_string())),
-            ],
-        );
+        let mut writes = vec![
+            ("sectors", Some(info.sectors.to_string())),
+            ("sector-size", Some(info.sector_size.to_string())),
+            ("physical-sector-size", Some(physical.to_string())),
+            ("info", Some(bits.to_string())),
+            // An error of an earlier attempt no longer holds.
+            ("error", None),
+        ];
+        if let Some(pid) = pid {
+            writes.push(("kthread-pid", Some(pid.to_string())));
+        }
+        writes.push(("state", Some(state::CONNECTED.to_string())));
+        let written = self.transact(&backend_path(key), &writes);
         match written {
             Ok(()) => {
                 self.set_phase(key, Phase::Connected);
