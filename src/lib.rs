@@ -8,14 +8,17 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod blkif;
+pub mod ctl;
 pub mod datapath;
 pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod image;
 pub mod img;
+pub mod nbd;
 pub mod serve;
 mod sys;
+pub mod toolstack;
 pub mod xen;
 pub mod xensim;
 pub mod xenstore;

@@ -1,10 +1,14 @@
 //! `ferrotap serve`: one process per VBD. Opens the image chain, listens on a control
 //! socket and serves the frontend's rings once told to connect. The control protocol is
-//! JSON lines (docs/ARCHITECTURE.md, "Control socket").
+//! JSON lines (docs/ARCHITECTURE.md, "Control socket"): info, connect, disconnect, stats,
+//! pause, unpause, resize, watch, close. While running it is listed in the registry
+//! (`ctl::registry`) and, while connected to a known VBD, keeps its stats files
+//! (`datapath::statsfile`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +17,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::blkif::{Protocol, MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST};
+use crate::ctl::registry;
+use crate::datapath::statsfile::{self, StatsFiles};
 use crate::datapath::{
-    ConnectParams, Device, DeviceConfig, Features, QueueRing, DEFAULT_MAX_QUEUES,
-    MAX_RING_PAGE_ORDER,
+    ConnectParams, Device, DeviceConfig, Features, QueueRing, QueueStatsSnapshot,
+    DEFAULT_MAX_QUEUES, MAX_RING_PAGE_ORDER,
 };
 use crate::engine::{new_engine, EngineKind};
 use crate::error::{Error, ErrorKind, Result};
@@ -79,6 +85,9 @@ pub struct ServeArgs {
     /// Register the buffers with io_uring (fixed buffers; pins them in memory).
     #[arg(long)]
     pub fixed_buffers: bool,
+    /// The VBD's device id, for the stats files and the registry when `connect` names none.
+    #[arg(long)]
+    pub devid: Option<u32>,
 }
 
 /// The engine for `image`. `auto` picks io_uring, except for an image on tmpfs: there
@@ -106,23 +115,29 @@ fn choose_engine(choice: EngineChoice, image: &Image) -> Result<EngineKind> {
     })
 }
 
-fn open_image(args: &ServeArgs) -> Result<Image> {
-    let format = args.format.as_deref().map(Format::parse).transpose()?;
+/// How a chain is (re)opened: the serve options that bear on it.
+#[derive(Debug, Clone, Copy)]
+struct OpenOptions {
+    read_only: bool,
+    buffered: bool,
+}
+
+fn open_image(path: &Path, format: Option<Format>, open: OpenOptions) -> Result<Image> {
     let options = ImageOptions {
-        read_only: args.read_only,
-        direct: !args.buffered,
+        read_only: open.read_only,
+        direct: !open.buffered,
         format,
         no_backing: false,
     };
-    match Image::open(&args.image, options) {
+    match Image::open(path, options) {
         // Some filesystems refuse O_DIRECT: serve through the page cache there.
         Err(err) if options.direct && err.raw_os_error() == Some(libc::EINVAL) => {
             eprintln!(
                 "ferrotap serve: {} refuses O_DIRECT; using the page cache",
-                args.image.display()
+                path.display()
             );
             Image::open(
-                &args.image,
+                path,
                 ImageOptions {
                     direct: false,
                     ..options
@@ -135,7 +150,12 @@ fn open_image(args: &ServeArgs) -> Result<Image> {
 
 /// Build the device `args` describe.
 pub fn device_from_args(args: &ServeArgs) -> Result<Device> {
-    let image = open_image(args)?;
+    let format = args.format.as_deref().map(Format::parse).transpose()?;
+    let open = OpenOptions {
+        read_only: args.read_only,
+        buffered: args.buffered,
+    };
+    let image = open_image(&args.image, format, open)?;
     let read_only = image.read_only();
     let platform: Arc<dyn Platform> = match &args.xensim {
         Some(dir) => Arc::new(SimPlatform::new(dir.clone())),
@@ -167,33 +187,138 @@ pub fn device_from_args(args: &ServeArgs) -> Result<Device> {
     Ok(Device::new(image, config, platform))
 }
 
+/// The watch connections; events go to each as one JSON line.
+#[derive(Default)]
+struct Watchers {
+    streams: Mutex<Vec<(u64, UnixStream)>>,
+    next_id: AtomicU64,
+}
+
+impl Watchers {
+    fn add(&self, stream: UnixStream) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A watcher that stops reading must not stall the server.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        self.streams.lock().push((id, stream));
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.streams.lock().retain(|(other, _)| *other != id);
+    }
+
+    /// Send `event` to every watcher; those that cannot take it are dropped.
+    fn send(&self, event: &Value) {
+        let mut line = event.to_string();
+        line.push('\n');
+        self.streams
+            .lock()
+            .retain_mut(|(_, stream)| stream.write_all(line.as_bytes()).is_ok());
+    }
+}
+
+/// One VBD as the control plane sees it: the device and what names it.
+struct Vbd {
+    device: Device,
+    /// The top of the chain served (the last one while paused), and the format it was
+    /// opened with (`None`: probed).
+    image_path: PathBuf,
+    format: Option<Format>,
+    open: OpenOptions,
+    control: PathBuf,
+    pid: u32,
+    /// From `connect` (or `serve --devid`).
+    domid: Option<u16>,
+    devid: Option<u32>,
+    backend: Option<String>,
+    default_devid: Option<u32>,
+    stats_files: Option<StatsFiles>,
+    /// The registry entry could be written (so it is kept current and removed at exit).
+    registered: bool,
+}
+
+impl Vbd {
+    fn registry_entry(&self) -> registry::Entry {
+        registry::Entry {
+            pid: self.pid,
+            control: self.control.clone(),
+            image: self.image_path.clone(),
+            domid: self.domid,
+            devid: self.devid,
+            backend: self.backend.clone(),
+        }
+    }
+
+    fn update_registry(&mut self) {
+        match registry::write(&self.registry_entry()) {
+            Ok(_) => self.registered = true,
+            Err(err) if !self.registered => {
+                eprintln!("ferrotap serve: not listed for ferrotap ctl: {err}");
+            }
+            Err(err) => eprintln!("ferrotap serve: registry: {err}"),
+        }
+    }
+}
+
+/// What a control request asks of its connection.
+enum Reply {
+    Line(Value),
+    /// Reply, then exit the server.
+    Close(Value),
+    /// Reply, then send events until the peer goes.
+    Watch(Value),
+}
+
 /// Run `ferrotap serve` until a `close` request.
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let device = Arc::new(Mutex::new(device_from_args(args)?));
+    let mut device = device_from_args(args)?;
+    let watchers = Arc::new(Watchers::default());
+    let hook_watchers = Arc::clone(&watchers);
+    device.set_failure_hook(Arc::new(move |message: &str| {
+        hook_watchers.send(&json!({"event": "failed", "error": message}));
+    }));
+    let (sectors, engine) = (device.sectors(), device.config().engine);
+    let format = args.format.as_deref().map(Format::parse).transpose()?;
+    let mut vbd = Vbd {
+        device,
+        image_path: args.image.clone(),
+        format,
+        open: OpenOptions {
+            read_only: args.read_only,
+            buffered: args.buffered,
+        },
+        control: args.control.clone(),
+        pid: std::process::id(),
+        domid: None,
+        devid: args.devid,
+        backend: None,
+        default_devid: args.devid,
+        stats_files: None,
+        registered: false,
+    };
     // A socket file left by a dead server would make bind fail.
     let _ = std::fs::remove_file(&args.control);
     let listener = UnixListener::bind(&args.control)
         .map_err(|e| Error::io("bind control socket", e).with_path(&args.control))?;
-    let (sectors, engine) = {
-        let device = device.lock();
-        (device.sectors(), device.config().engine)
-    };
+    vbd.update_registry();
     eprintln!(
         "ferrotap serve: {} ({sectors} sectors, engine {engine:?}) on {}",
         args.image.display(),
         args.control.display()
     );
-    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vbd = Arc::new(Mutex::new(vbd));
+    let closing = Arc::new(AtomicBool::new(false));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let device = Arc::clone(&device);
+        let vbd = Arc::clone(&vbd);
+        let watchers = Arc::clone(&watchers);
         let closing_flag = Arc::clone(&closing);
         let control = args.control.clone();
         let spawned = std::thread::Builder::new()
             .name("ferrotap-ctl".into())
             .spawn(move || {
-                if serve_connection(stream, &device) {
-                    closing_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                if serve_connection(stream, &vbd, &watchers) {
+                    closing_flag.store(true, Ordering::SeqCst);
                     // Wake the accept loop so it sees the flag.
                     let _ = UnixStream::connect(&control);
                 }
@@ -201,31 +326,45 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         if spawned.is_err() {
             eprintln!("ferrotap serve: cannot spawn a control thread");
         }
-        if closing.load(std::sync::atomic::Ordering::SeqCst) {
+        if closing.load(Ordering::SeqCst) {
             break;
         }
     }
-    device.lock().disconnect()?;
+    let mut vbd = vbd.lock();
+    let result = disconnect(&mut vbd, &watchers);
+    if vbd.registered {
+        registry::remove(vbd.pid);
+    }
     let _ = std::fs::remove_file(&args.control);
-    Ok(())
+    result
 }
 
 /// Answer requests on one control connection; true when one of them was `close`.
-fn serve_connection(stream: UnixStream, device: &Mutex<Device>) -> bool {
+fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -> bool {
     let Ok(mut writer) = stream.try_clone() else {
         return false;
     };
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let Ok(line) = line else { return false };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
         if line.trim().is_empty() {
             continue;
         }
-        let (reply, close) = match serde_json::from_str::<Value>(&line) {
-            Ok(request) => handle(&request, device),
-            Err(err) => (failure(&format!("bad request: {err}")), false),
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(request) => handle(&request, vbd, watchers),
+            Err(err) => Reply::Line(failure(&format!("bad request: {err}"))),
         };
-        let mut text = reply.to_string();
+        let (value, close, watch) = match reply {
+            Reply::Line(value) => (value, false, false),
+            Reply::Close(value) => (value, true, false),
+            Reply::Watch(value) => (value, false, true),
+        };
+        let mut text = value.to_string();
         text.push('\n');
         if writer.write_all(text.as_bytes()).is_err() {
             return close;
@@ -233,12 +372,31 @@ fn serve_connection(stream: UnixStream, device: &Mutex<Device>) -> bool {
         if close {
             return true;
         }
+        if watch {
+            let Ok(events) = writer.try_clone() else {
+                return false;
+            };
+            let id = watchers.add(events);
+            // The connection now only carries events; wait for the peer to go.
+            let mut ignored = String::new();
+            while matches!(reader.read_line(&mut ignored), Ok(n) if n > 0) {
+                ignored.clear();
+            }
+            watchers.remove(id);
+            return false;
+        }
     }
-    false
 }
 
 fn failure(message: &str) -> Value {
     json!({"ok": false, "error": message})
+}
+
+fn result_reply(result: Result<Value>) -> Reply {
+    Reply::Line(match result {
+        Ok(value) => value,
+        Err(err) => failure(&err.to_string()),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +408,8 @@ struct ConnectRequest {
     queues: Vec<QueueRequest>,
     #[serde(default)]
     persistent: bool,
+    devid: Option<u32>,
+    backend: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,9 +418,12 @@ struct QueueRequest {
     event_channel: u32,
 }
 
-fn connect_params(request: &Value) -> Result<ConnectParams> {
-    let connect: ConnectRequest = serde_json::from_value(request.clone())
-        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad connect: {e}")))?;
+fn parse_connect(request: &Value) -> Result<ConnectRequest> {
+    serde_json::from_value(request.clone())
+        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad connect: {e}")))
+}
+
+fn connect_params(connect: ConnectRequest) -> Result<ConnectParams> {
     Ok(ConnectParams {
         domid: connect.domid,
         protocol: Protocol::from_xenstore(connect.protocol.as_deref())?,
@@ -277,54 +440,190 @@ fn connect_params(request: &Value) -> Result<ConnectParams> {
     })
 }
 
-/// One request; the reply and whether the server should close.
-fn handle(request: &Value, device: &Mutex<Device>) -> (Value, bool) {
+/// One request.
+fn handle(request: &Value, vbd: &Mutex<Vbd>, watchers: &Watchers) -> Reply {
     let op = request.get("op").and_then(Value::as_str).unwrap_or("");
-    let mut device = device.lock();
+    let mut vbd = vbd.lock();
     match op {
-        "info" => (info(&device), false),
-        "connect" => {
-            let result = connect_params(request).and_then(|params| device.connect(params));
-            match result {
-                Ok(()) => (json!({"ok": true}), false),
-                Err(err) => (failure(&err.to_string()), false),
-            }
-        }
-        "disconnect" => match device.disconnect() {
-            Ok(()) => (json!({"ok": true}), false),
-            Err(err) => (failure(&err.to_string()), false),
+        "info" => Reply::Line(info(&vbd)),
+        "connect" => result_reply(connect(&mut vbd, request)),
+        "disconnect" => result_reply(disconnect(&mut vbd, watchers).map(|()| json!({"ok": true}))),
+        "stats" => Reply::Line(stats(&vbd.device)),
+        "pause" => result_reply(pause(&mut vbd, watchers)),
+        "unpause" => result_reply(unpause(&mut vbd, request, watchers)),
+        "resize" => result_reply(resize(&mut vbd, request, watchers)),
+        "watch" => Reply::Watch(json!({
+            "ok": true,
+            "connected": vbd.device.is_connected(),
+            "paused": vbd.device.is_paused(),
+            "sectors": vbd.device.sectors(),
+        })),
+        "close" => match disconnect(&mut vbd, watchers) {
+            Ok(()) => Reply::Close(json!({"ok": true})),
+            Err(err) => Reply::Close(failure(&err.to_string())),
         },
-        "stats" => (
-            json!({
-                "ok": true,
-                "connected": device.is_connected(),
-                "queues": device.stats(),
-            }),
-            false,
-        ),
-        "close" => match device.disconnect() {
-            Ok(()) => (json!({"ok": true}), true),
-            Err(err) => (failure(&err.to_string()), true),
-        },
-        other => (failure(&format!("unknown op {other:?}")), false),
+        other => Reply::Line(failure(&format!("unknown op {other:?}"))),
     }
 }
 
-fn info(device: &Device) -> Value {
-    let image = device.image();
+fn connect(vbd: &mut Vbd, request: &Value) -> Result<Value> {
+    let connect = parse_connect(request)?;
+    let devid = connect.devid.or(vbd.default_devid);
+    let backend = connect.backend.clone();
+    let domid = connect.domid;
+    vbd.device.connect(connect_params(connect)?)?;
+    vbd.domid = Some(domid);
+    vbd.devid = devid;
+    vbd.backend = backend;
+    if let Some(devid) = devid {
+        match StatsFiles::start(
+            &statsfile::shm_dir(),
+            domid,
+            devid,
+            vbd.pid,
+            vbd.device.queue_stats(),
+        ) {
+            Ok(files) => vbd.stats_files = Some(files),
+            // Metrics are not worth refusing a guest its disk.
+            Err(err) => eprintln!("ferrotap serve: no stats files: {err}"),
+        }
+    }
+    vbd.update_registry();
+    Ok(json!({"ok": true}))
+}
+
+fn disconnect(vbd: &mut Vbd, watchers: &Watchers) -> Result<()> {
+    let was_connected = vbd.device.is_connected();
+    let result = vbd.device.disconnect();
+    vbd.stats_files = None;
+    if was_connected {
+        vbd.domid = None;
+        vbd.devid = vbd.default_devid;
+        vbd.backend = None;
+        vbd.update_registry();
+        watchers.send(&json!({"event": "disconnected"}));
+    }
+    result
+}
+
+fn stats(device: &Device) -> Value {
+    let queues = device.stats();
+    let totals = QueueStatsSnapshot::total(&queues);
+    json!({
+        "ok": true,
+        "connected": device.is_connected(),
+        "paused": device.is_paused(),
+        "queues": queues,
+        "totals": totals,
+    })
+}
+
+fn pause(vbd: &mut Vbd, watchers: &Watchers) -> Result<Value> {
+    if !vbd.device.is_paused() {
+        vbd.device.pause()?;
+        watchers.send(&json!({"event": "paused"}));
+    }
+    Ok(json!({"ok": true, "paused": true}))
+}
+
+fn unpause(vbd: &mut Vbd, request: &Value, watchers: &Watchers) -> Result<Value> {
+    if !vbd.device.is_paused() {
+        return Err(Error::invalid("not paused"));
+    }
+    let path = request
+        .get("path")
+        .and_then(Value::as_str)
+        .map(PathBuf::from);
+    let format = match request.get("format").and_then(Value::as_str) {
+        Some(name) => Some(Format::parse(name)?),
+        // A new image is probed; the same one is opened as before.
+        None if path.is_some() => None,
+        None => vbd.format,
+    };
+    let path = path.unwrap_or_else(|| vbd.image_path.clone());
+    let before = vbd.device.sectors();
+    let image = open_image(&path, format, vbd.open)?;
+    let sectors = vbd.device.unpause(image)?;
+    let changed_image = path != vbd.image_path;
+    vbd.image_path = path;
+    vbd.format = format;
+    if changed_image {
+        vbd.update_registry();
+    }
+    let image = vbd.image_path.clone();
+    watchers.send(&json!({"event": "unpaused", "sectors": sectors, "image": image}));
+    if sectors != before {
+        watchers.send(&json!({"event": "resized", "sectors": sectors}));
+    }
+    Ok(json!({"ok": true, "sectors": sectors, "image": image}))
+}
+
+fn resize(vbd: &mut Vbd, request: &Value, watchers: &Watchers) -> Result<Value> {
+    let size = match (
+        request.get("sectors").and_then(Value::as_u64),
+        request.get("size").and_then(Value::as_u64),
+    ) {
+        (Some(sectors), None) => sectors
+            .checked_mul(512)
+            .ok_or_else(|| Error::invalid(format!("{sectors} sectors is too large")))?,
+        (None, Some(size)) => size,
+        _ => {
+            return Err(Error::invalid(
+                "resize takes \"sectors\" (512-byte) or \"size\" (bytes), one of them",
+            ))
+        }
+    };
+    let before = vbd.device.sectors();
+    let sectors = vbd.device.resize(size)?;
+    if sectors != before {
+        watchers.send(&json!({"event": "resized", "sectors": sectors}));
+    }
+    Ok(json!({"ok": true, "sectors": sectors}))
+}
+
+fn info(vbd: &Vbd) -> Value {
+    let device = &vbd.device;
     let mut reply = json!({
         "ok": true,
-        "image": image.top().file().path(),
-        "format": image.top().format().name(),
+        "pid": vbd.pid,
+        "control": vbd.control,
+        "image": vbd.image_path,
         "sectors": device.sectors(),
         "sector_size": 512,
         "physical_sector_size": 4096,
-        "read_only": image.read_only(),
         "connected": device.is_connected(),
+        "paused": device.is_paused(),
         "engine": format!("{:?}", device.config().engine).to_lowercase(),
         "features": device.config().features,
         "max_segments_per_request": MAX_SEGMENTS_PER_REQUEST,
     });
+    match device.image() {
+        Some(image) => {
+            reply["format"] = json!(image.top().format().name());
+            reply["read_only"] = json!(image.read_only());
+            reply["chain"] = image
+                .layers()
+                .iter()
+                .map(|layer| json!(layer.file().path()))
+                .collect();
+        }
+        None => {
+            reply["format"] = json!(vbd.format.map(Format::name));
+            reply["read_only"] = json!(vbd.open.read_only);
+        }
+    }
+    if let Some(domid) = vbd.domid {
+        reply["domid"] = json!(domid);
+    }
+    if let Some(devid) = vbd.devid {
+        reply["devid"] = json!(devid);
+    }
+    if let Some(backend) = &vbd.backend {
+        reply["backend"] = json!(backend);
+    }
+    if let Some(files) = &vbd.stats_files {
+        reply["stats_files"] = json!([files.paths().statistics, files.paths().td3_file]);
+    }
     if let Some(params) = device.connected_params() {
         reply["frontend"] = json!({
             "domid": params.domid,

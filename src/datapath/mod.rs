@@ -5,19 +5,20 @@
 mod memory;
 mod pgrants;
 mod queue;
+pub mod statsfile;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use serde::Serialize;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
 
 use crate::blkif::{self, ring::ring_entries, Protocol};
 use crate::engine::EngineKind;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
 use crate::xen::{DomId, GrantRef, Platform};
 use memory::EventFd;
@@ -74,9 +75,107 @@ pub struct ConnectParams {
     pub persistent: bool,
 }
 
+/// The operation classes latencies are kept for: READ (direct or indirect); WRITE (direct or
+/// indirect); FLUSH_DISKCACHE and WRITE_BARRIER, with or without data; DISCARD.
+pub const OP_CLASSES: [&str; 4] = ["read", "write", "flush", "discard"];
+
+/// Index into [`OP_CLASSES`] of a blkif data operation, if it is one of them.
+pub(crate) fn op_class(operation: u8) -> Option<usize> {
+    match operation {
+        blkif::op::READ => Some(0),
+        blkif::op::WRITE => Some(1),
+        blkif::op::FLUSH_DISKCACHE | blkif::op::WRITE_BARRIER => Some(2),
+        blkif::op::DISCARD => Some(3),
+        _ => None,
+    }
+}
+
+/// Buckets of a latency histogram: bucket 0 counts answers under 1 us, bucket i (1..=30)
+/// those in [2^(i-1), 2^i) us, bucket 31 everything from 2^30 us (about 18 minutes) up.
+pub const LATENCY_BUCKETS: usize = 32;
+
+/// Latencies of one operation class on one queue, from the request taken off the ring to
+/// its response put on it. Only the queue's thread writes (so plain relaxed loads and
+/// stores would do; the adds stay atomic for clarity), anyone reads.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+    max_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, micros: u64) {
+        let bucket = ((u64::BITS - micros.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+        // One writer: no compare-and-swap loop needed.
+        if micros > self.max_us.load(Ordering::Relaxed) {
+            self.max_us.store(micros, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            count: self.count.load(Ordering::Relaxed),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            max_us: self.max_us.load(Ordering::Relaxed),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot of a [`LatencyHistogram`]; `buckets` has [`LATENCY_BUCKETS`] entries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    pub count: u64,
+    pub sum_us: u64,
+    pub max_us: u64,
+    pub buckets: Vec<u64>,
+}
+
+impl LatencySnapshot {
+    fn add(&mut self, other: &LatencySnapshot) {
+        self.count += other.count;
+        self.sum_us += other.sum_us;
+        self.max_us = self.max_us.max(other.max_us);
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine += theirs;
+        }
+    }
+}
+
+/// Latency snapshots per operation class.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Latencies {
+    pub read: LatencySnapshot,
+    pub write: LatencySnapshot,
+    pub flush: LatencySnapshot,
+    pub discard: LatencySnapshot,
+}
+
+impl Latencies {
+    fn add(&mut self, other: &Latencies) {
+        self.read.add(&other.read);
+        self.write.add(&other.write);
+        self.flush.add(&other.flush);
+        self.discard.add(&other.discard);
+    }
+}
+
 /// Counters of one queue, updated by its thread and read by `stats`.
 #[derive(Debug, Default)]
 pub struct QueueStats {
+    /// Requests taken off the ring.
     pub requests: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -90,10 +189,12 @@ pub struct QueueStats {
     pub notifications_sent: AtomicU64,
     pub wakeups: AtomicU64,
     pub persistent_grants: AtomicU64,
+    /// Per class of [`OP_CLASSES`].
+    pub latency: [LatencyHistogram; 4],
 }
 
-/// A snapshot of [`QueueStats`].
-#[derive(Debug, Clone, Serialize)]
+/// A snapshot of [`QueueStats`], or their sum over queues.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QueueStatsSnapshot {
     pub requests: u64,
     pub reads: u64,
@@ -108,6 +209,7 @@ pub struct QueueStatsSnapshot {
     pub notifications_sent: u64,
     pub wakeups: u64,
     pub persistent_grants: u64,
+    pub latency: Latencies,
 }
 
 impl QueueStats {
@@ -127,15 +229,68 @@ impl QueueStats {
             notifications_sent: get(&self.notifications_sent),
             wakeups: get(&self.wakeups),
             persistent_grants: get(&self.persistent_grants),
+            latency: Latencies {
+                read: self.latency[0].snapshot(),
+                write: self.latency[1].snapshot(),
+                flush: self.latency[2].snapshot(),
+                discard: self.latency[3].snapshot(),
+            },
         }
     }
 }
 
+impl QueueStatsSnapshot {
+    /// The sum over queues (maxima: the largest).
+    pub fn total(queues: &[QueueStatsSnapshot]) -> QueueStatsSnapshot {
+        let mut total = QueueStatsSnapshot::default();
+        for q in queues {
+            total.requests += q.requests;
+            total.reads += q.reads;
+            total.writes += q.writes;
+            total.flushes += q.flushes;
+            total.discards += q.discards;
+            total.errors += q.errors;
+            total.unsupported += q.unsupported;
+            total.bytes_read += q.bytes_read;
+            total.bytes_written += q.bytes_written;
+            total.in_flight += q.in_flight;
+            total.notifications_sent += q.notifications_sent;
+            total.wakeups += q.wakeups;
+            total.persistent_grants += q.persistent_grants;
+            total.latency.add(&q.latency);
+        }
+        total
+    }
+}
+
+/// Called with the message of a connection's first fatal error (a frontend that broke the
+/// ring rules), from the queue thread that met it.
+pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The image as the queues see it, and how many of them let go of it.
+pub(crate) struct ImageState {
+    /// `None` while the device is paused (the image closed).
+    pub image: Option<Arc<Image>>,
+    /// Queues that finished their requests and dropped their image references.
+    pub paused_queues: usize,
+    /// Queue threads that ended (they hold nothing either).
+    pub exited_queues: usize,
+}
+
 /// State shared by a connection's queue threads and the control plane.
 pub(crate) struct Shared {
-    pub image: Arc<Image>,
     pub config: DeviceConfig,
     pub stopping: AtomicBool,
+    /// The disk's size in sectors, as requests are checked against it (resize and unpause
+    /// change it while the queues are paused).
+    pub sectors: AtomicU64,
+    /// Asked to pause: queues take nothing new, finish what is in flight, drop their image
+    /// references, count themselves in `ImageState::paused_queues` and wait. Cleared (after
+    /// `ImageState::image` is set again) to resume.
+    pub pause: AtomicBool,
+    pub image: Mutex<ImageState>,
+    /// Signalled whenever `image`'s counts change.
+    pub image_changed: Condvar,
     /// Write requests mapped and not yet answered, over every queue.
     pub writes_in_flight: AtomicU64,
     /// Discards waiting for those writes to drain, or running. While non-zero no queue
@@ -144,6 +299,32 @@ pub(crate) struct Shared {
     pub discards_waiting: AtomicU64,
     /// The first fatal error a queue met (a frontend that broke the ring rules).
     pub failure: Mutex<Option<String>>,
+    pub on_failure: Option<FailureHook>,
+}
+
+impl Shared {
+    /// Record a fatal error; the first one is kept and reported to the hook.
+    pub fn fail(&self, message: String) {
+        let mut failure = self.failure.lock();
+        if failure.is_some() {
+            return;
+        }
+        *failure = Some(message.clone());
+        drop(failure);
+        if let Some(hook) = &self.on_failure {
+            hook(&message);
+        }
+    }
+
+    /// A queue thread ended; `paused`: it was counted as paused.
+    pub fn queue_exited(&self, paused: bool) {
+        let mut state = self.image.lock();
+        state.exited_queues += 1;
+        if paused {
+            state.paused_queues = state.paused_queues.saturating_sub(1);
+        }
+        self.image_changed.notify_all();
+    }
 }
 
 struct Connection {
@@ -153,29 +334,96 @@ struct Connection {
     params: ConnectParams,
 }
 
+/// How long a pause waits for the requests in flight to finish.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Connection {
+    fn wake_queues(&self) {
+        for (wake, _) in &self.queues {
+            wake.signal();
+        }
+    }
+
+    /// Ask every queue to finish what it has in flight and let go of the image; wait until
+    /// all have (or ended).
+    fn quiesce(&self) -> Result<()> {
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.wake_queues();
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        let mut state = self.shared.image.lock();
+        while state.paused_queues + state.exited_queues < self.queues.len() {
+            if self
+                .shared
+                .image_changed
+                .wait_until(&mut state, deadline)
+                .timed_out()
+            {
+                // Give up: let the queues that did pause take requests again.
+                drop(state);
+                self.shared.pause.store(false, Ordering::SeqCst);
+                self.wake_queues();
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "requests still in flight after {} s; the queues did not quiesce",
+                        QUIESCE_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Give the queues `image` (and `sectors`) and let them take requests again.
+    fn resume(&self, image: &Arc<Image>, sectors: u64) {
+        {
+            let mut state = self.shared.image.lock();
+            state.image = Some(Arc::clone(image));
+            self.shared.sectors.store(sectors, Ordering::SeqCst);
+            self.shared.pause.store(false, Ordering::SeqCst);
+        }
+        self.wake_queues();
+    }
+}
+
 /// One VBD: an image chain and, while connected, the threads serving its rings.
 pub struct Device {
-    image: Arc<Image>,
+    /// `None` while paused: the chain's files are closed.
+    image: Option<Arc<Image>>,
+    /// 512-byte sectors of the disk (kept while paused).
+    sectors: u64,
     config: DeviceConfig,
     platform: Arc<dyn Platform>,
     connection: Option<Connection>,
     /// Why the last connection ended, when it ended badly.
     last_failure: Option<String>,
+    /// The counters of the last connection, once it ended.
+    last_stats: Vec<QueueStatsSnapshot>,
+    on_failure: Option<FailureHook>,
 }
 
 impl Device {
     pub fn new(image: Image, config: DeviceConfig, platform: Arc<dyn Platform>) -> Device {
         Device {
-            image: Arc::new(image),
+            sectors: image.virtual_size() / blkif::SECTOR_SIZE,
+            image: Some(Arc::new(image)),
             config,
             platform,
             connection: None,
             last_failure: None,
+            last_stats: Vec::new(),
+            on_failure: None,
         }
     }
 
-    pub fn image(&self) -> &Arc<Image> {
-        &self.image
+    /// Call `hook` with the first fatal error of each later connection.
+    pub fn set_failure_hook(&mut self, hook: FailureHook) {
+        self.on_failure = Some(hook);
+    }
+
+    /// The open chain; `None` while paused.
+    pub fn image(&self) -> Option<&Arc<Image>> {
+        self.image.as_ref()
     }
 
     pub fn config(&self) -> &DeviceConfig {
@@ -184,11 +432,15 @@ impl Device {
 
     /// 512-byte sectors of the disk.
     pub fn sectors(&self) -> u64 {
-        self.image.virtual_size() / blkif::SECTOR_SIZE
+        self.sectors
     }
 
     pub fn is_connected(&self) -> bool {
         self.connection.is_some()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.image.is_none()
     }
 
     /// The fatal error of the current or last connection, if any.
@@ -204,14 +456,120 @@ impl Device {
         self.connection.as_ref().map(|c| &c.params)
     }
 
+    /// Per-queue counters of the current connection, or of the last one once it ended.
     pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
+        match &self.connection {
+            Some(c) => c.stats.iter().map(|s| s.snapshot()).collect(),
+            None => self.last_stats.clone(),
+        }
+    }
+
+    /// The live counters of the current connection (empty when not connected).
+    pub fn queue_stats(&self) -> Vec<Arc<QueueStats>> {
         self.connection
             .as_ref()
-            .map(|c| c.stats.iter().map(|s| s.snapshot()).collect())
+            .map(|c| c.stats.clone())
             .unwrap_or_default()
     }
 
-    /// Map the rings, bind the event channels and start one thread per queue.
+    /// Finish every request in flight, take no new ones (they wait on the ring: the guest
+    /// sees a delay), then flush and close the chain. Returns once nothing holds its files.
+    pub fn pause(&mut self) -> Result<()> {
+        let Some(image) = self.image.clone() else {
+            return Ok(());
+        };
+        if let Some(connection) = &self.connection {
+            connection.quiesce()?;
+        }
+        // Nothing in flight now; on any failure below, serve on as before.
+        let restore = |device: &mut Device, image: Arc<Image>, err: Error| {
+            if let Some(connection) = &device.connection {
+                connection.resume(&image, device.sectors);
+            }
+            device.image = Some(image);
+            Err(err)
+        };
+        if let Err(err) = image.flush() {
+            return restore(self, image, err);
+        }
+        if let Some(connection) = &self.connection {
+            connection.shared.image.lock().image = None;
+        }
+        self.image = None;
+        // The queues dropped their references before counting themselves paused, and
+        // their workers' jobs (which hold the image too) were all collected by then.
+        match Arc::try_unwrap(image) {
+            Ok(image) => {
+                drop(image);
+                Ok(())
+            }
+            Err(image) => restore(
+                self,
+                image,
+                Error::invalid("the image is still referenced after the queues paused"),
+            ),
+        }
+    }
+
+    /// Serve `image` (reopened, possibly a new leaf over the old one) and take requests
+    /// again. It may be larger than before (a resize); smaller is refused, as the guest may
+    /// hold data past its end. Returns the disk's sectors.
+    pub fn unpause(&mut self, image: Image) -> Result<u64> {
+        if self.image.is_some() {
+            return Err(Error::invalid("not paused"));
+        }
+        let sectors = image.virtual_size() / blkif::SECTOR_SIZE;
+        if sectors < self.sectors {
+            return Err(Error::invalid(format!(
+                "{} has {sectors} sectors, fewer than the disk's {}",
+                image.top().file().path().display(),
+                self.sectors
+            )));
+        }
+        let image = Arc::new(image);
+        if let Some(connection) = &self.connection {
+            connection.resume(&image, sectors);
+        }
+        self.image = Some(image);
+        self.sectors = sectors;
+        Ok(sectors)
+    }
+
+    /// Grow the disk to `new_size` bytes (a multiple of 512; shrinking is refused). While
+    /// connected the queues are paused around the change. Returns the disk's sectors.
+    pub fn resize(&mut self, new_size: u64) -> Result<u64> {
+        let Some(image) = self.image.clone() else {
+            return Err(Error::invalid("paused: unpause first"));
+        };
+        if !new_size.is_multiple_of(blkif::SECTOR_SIZE) {
+            return Err(Error::invalid(format!(
+                "{new_size} is not a multiple of {} bytes",
+                blkif::SECTOR_SIZE
+            )));
+        }
+        let current = image.virtual_size();
+        if new_size < current {
+            return Err(Error::invalid(format!(
+                "cannot shrink the disk from {current} to {new_size} bytes"
+            )));
+        }
+        if let Some(connection) = &self.connection {
+            connection.quiesce()?;
+        }
+        let result = if new_size == current {
+            Ok(())
+        } else {
+            image.top().resize(new_size).and_then(|()| image.flush())
+        };
+        self.sectors = image.virtual_size() / blkif::SECTOR_SIZE;
+        if let Some(connection) = &self.connection {
+            connection.resume(&image, self.sectors);
+        }
+        result.map(|()| self.sectors)
+    }
+
+    /// Map the rings, bind the event channels and start one thread per queue. While paused
+    /// the queues start paused too.
     pub fn connect(&mut self, params: ConnectParams) -> Result<()> {
         if self.connection.is_some() {
             return Err(Error::invalid("already connected; disconnect first"));
@@ -254,12 +612,20 @@ impl Device {
         let max_grants = (pages + kept + ring_size * max_segments) as u32;
 
         let shared = Arc::new(Shared {
-            image: Arc::clone(&self.image),
             config: self.config.clone(),
             stopping: AtomicBool::new(false),
+            sectors: AtomicU64::new(self.sectors),
+            pause: AtomicBool::new(self.image.is_none()),
+            image: Mutex::new(ImageState {
+                image: self.image.clone(),
+                paused_queues: 0,
+                exited_queues: 0,
+            }),
+            image_changed: Condvar::new(),
             writes_in_flight: AtomicU64::new(0),
             discards_waiting: AtomicU64::new(0),
             failure: Mutex::new(None),
+            on_failure: self.on_failure.clone(),
         });
         // Map and bind every queue before starting any thread, so a bad ref or port fails
         // the connect as a whole and leaves nothing behind.
@@ -287,24 +653,24 @@ impl Device {
                 evtchn,
                 persistent,
                 stats: Arc::new(QueueStats::default()),
-                stop: Arc::new(EventFd::new()?),
+                wake: Arc::new(EventFd::new()?),
             });
         }
         let mut queues = Vec::new();
         let mut stats = Vec::new();
         for setup in setups {
-            let stop = Arc::clone(&setup.stop);
+            let wake = Arc::clone(&setup.wake);
             stats.push(Arc::clone(&setup.stats));
             let name = format!("ferrotap-q{}", setup.index);
             match std::thread::Builder::new()
                 .name(name)
                 .spawn(move || QueueThread::run(setup))
             {
-                Ok(handle) => queues.push((stop, handle)),
+                Ok(handle) => queues.push((wake, handle)),
                 Err(err) => {
                     shared.stopping.store(true, Ordering::SeqCst);
-                    for (stop, handle) in queues {
-                        stop.signal();
+                    for (wake, handle) in queues {
+                        wake.signal();
                         let _ = handle.join();
                     }
                     return Err(Error::io("spawn queue thread", err));
@@ -327,13 +693,12 @@ impl Device {
             return Ok(());
         };
         connection.shared.stopping.store(true, Ordering::SeqCst);
-        for (stop, _) in &connection.queues {
-            stop.signal();
-        }
+        connection.wake_queues();
         for (_, handle) in connection.queues {
             let _ = handle.join();
         }
         self.last_failure = connection.shared.failure.lock().clone();
+        self.last_stats = connection.stats.iter().map(|s| s.snapshot()).collect();
         Ok(())
     }
 }

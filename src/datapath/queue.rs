@@ -1,6 +1,11 @@
 //! One queue of a device: a thread that owns a ring, its event channel, an engine, a buffer
 //! pool and a worker. It blocks in exactly one place, `Engine::wait`, which also watches the
-//! event channel, the worker's results and the stop signal.
+//! event channel, the worker's results and the wake signal (stop, pause, resume).
+//!
+//! Pause: asked through `Shared::pause`, the thread takes nothing new off the ring, lets
+//! what is in flight finish, then unregisters the chain's files from its engine, drops its
+//! image reference and counts itself paused; it sleeps until the flag clears, then takes the
+//! image `Shared` holds then (perhaps a new chain) and goes on.
 //!
 //! A request goes: copied off the ring -> validated -> data pages resolved (grant copy into
 //! the pool, or persistent mappings) -> image extents resolved -> engine ops (or worker jobs)
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::memory::{self, BufferPool, EventFd, IoMemory, PoolBuffer};
 use super::pgrants::{MappedPage, PersistentGrants};
 use super::worker::{Job, JobResult, Worker};
-use super::{QueueStats, Shared};
+use super::{op_class, QueueStats, Shared};
 use crate::blkif::ring::{ring_entries, BackRing};
 use crate::blkif::{
     self, decode_indirect_segments, op, status, Protocol, Request, RequestBody, Response, Segment,
@@ -24,11 +29,11 @@ use crate::blkif::{
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::Result;
 use crate::image::file::DIRECT_ALIGN;
-use crate::image::{Layer, Mapping};
+use crate::image::{Image, Layer, Mapping};
 use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
 
 const TOKEN_EVTCHN: u64 = u64::MAX;
-const TOKEN_STOP: u64 = u64::MAX - 1;
+const TOKEN_WAKE: u64 = u64::MAX - 1;
 const TOKEN_WORKER: u64 = u64::MAX - 2;
 
 /// Everything a queue thread starts from.
@@ -41,7 +46,8 @@ pub(crate) struct QueueSetup {
     pub evtchn: Box<dyn EventChannel>,
     pub persistent: bool,
     pub stats: Arc<QueueStats>,
-    pub stop: Arc<EventFd>,
+    /// Signalled when `Shared::stopping` or `Shared::pause` changed.
+    pub wake: Arc<EventFd>,
 }
 
 /// What happens once a request's data I/O is done.
@@ -57,6 +63,9 @@ enum Phase {
 struct Slot {
     id: u64,
     response_op: u8,
+    /// When it was taken off the ring, and its latency class (`OP_CLASSES`).
+    taken: Instant,
+    class: Option<usize>,
     status: i16,
     /// Engine ops and worker jobs not yet completed.
     pending: u32,
@@ -95,16 +104,20 @@ pub(crate) struct QueueThread {
     pool: BufferPool,
     persistent: Option<PersistentGrants>,
     stats: Arc<QueueStats>,
-    stop: Arc<EventFd>,
+    wake: Arc<EventFd>,
     max_indirect_segments: usize,
-    sectors: u64,
     read_only: bool,
+    /// The chain served; `None` while paused.
+    image: Option<Arc<Image>>,
+    /// Counted in `ImageState::paused_queues`: nothing in flight, no image held.
+    paused: bool,
 
     slots: Vec<Option<Slot>>,
     free_slots: Vec<usize>,
     in_use: usize,
-    /// A request taken off the ring that must wait: for buffers, or for the queue to drain.
-    deferred: Option<Request>,
+    /// A request taken off the ring (and when) that must wait: for buffers, or for the
+    /// queue to drain.
+    deferred: Option<(Request, Instant)>,
     /// An exclusive request is running: take nothing new.
     exclusive_running: bool,
     stopping: bool,
@@ -124,6 +137,16 @@ pub(crate) struct QueueThread {
     spare_copies: Vec<Vec<CopySegment>>,
     indirect_page: Vec<u8>,
     grants: Box<dyn GrantAccess>,
+}
+
+/// The operation a request's latency is classed by: an INDIRECT request's inner one (its
+/// response operation), else its own.
+fn request_class_op(request: &Request, response_op: u8) -> u8 {
+    if request.operation == op::INDIRECT {
+        response_op
+    } else {
+        request.operation
+    }
 }
 
 /// The first failure status of a grant copy batch, if any.
@@ -151,12 +174,14 @@ impl QueueThread {
                     queue.fail(format!("queue {index}: {err}"));
                 }
                 queue.drain();
+                let paused = queue.paused;
+                // Engine, worker, image and mappings go before the pause bookkeeping says so.
+                drop(queue);
+                shared.queue_exited(paused);
             }
             Err(err) => {
-                shared
-                    .failure
-                    .lock()
-                    .get_or_insert(format!("queue {index}: setup failed: {err}"));
+                shared.fail(format!("queue {index}: setup failed: {err}"));
+                shared.queue_exited(false);
             }
         }
     }
@@ -177,22 +202,12 @@ impl QueueThread {
         if config.register_buffers {
             engine.register_buffers(&[pool.region()])?;
         }
-        // The chain's files stay open as long as the device (Shared holds the image), which
-        // outlives this thread and its engine.
-        let fds: Vec<_> = setup
-            .shared
-            .image
-            .layers()
-            .iter()
-            .map(|layer| layer.file().raw_fd())
-            .collect();
-        engine.register_files(&fds)?;
         let worker = Worker::spawn(format!("ferrotap-w{}", setup.index))?;
-        let image = &setup.shared.image;
-        Ok(QueueThread {
+        let mut queue = QueueThread {
             index: setup.index,
-            sectors: image.virtual_size() / SECTOR_SIZE,
-            read_only: image.read_only(),
+            read_only: true,
+            image: None,
+            paused: false,
             shared: Arc::clone(&setup.shared),
             ring,
             _ring_mapping: setup.ring,
@@ -205,7 +220,7 @@ impl QueueThread {
                 .persistent
                 .then(|| PersistentGrants::new(ring_size * blkif::MAX_SEGMENTS_PER_REQUEST)),
             stats: setup.stats,
-            stop: setup.stop,
+            wake: setup.wake,
             max_indirect_segments,
             slots: Vec::with_capacity(ring_size),
             free_slots: Vec::new(),
@@ -225,17 +240,90 @@ impl QueueThread {
             spare_pages: Vec::new(),
             spare_copies: Vec::new(),
             indirect_page: vec![0; blkif::MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
-        })
+        };
+        // A device connected while paused starts paused: no image yet.
+        if !queue.acquire_image()? {
+            queue.paused = true;
+            let mut state = queue.shared.image.lock();
+            state.paused_queues += 1;
+            queue.shared.image_changed.notify_all();
+        }
+        Ok(queue)
     }
 
     fn fail(&mut self, message: String) {
-        self.shared.failure.lock().get_or_insert(message);
+        self.shared.fail(message);
         self.stopping = true;
+    }
+
+    /// Take the image `Shared` holds and register its files with the engine; false when
+    /// there is none, or (resuming) when a new pause was asked meanwhile. Resuming leaves
+    /// the paused count in the same critical section that takes the image, so a pause that
+    /// finds this queue counted as paused also finds it holding nothing.
+    fn acquire_image(&mut self) -> Result<bool> {
+        let image = {
+            let mut state = self.shared.image.lock();
+            if self.paused && self.shared.pause.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            let Some(image) = state.image.clone() else {
+                return Ok(false);
+            };
+            if self.paused {
+                self.paused = false;
+                state.paused_queues = state.paused_queues.saturating_sub(1);
+                self.shared.image_changed.notify_all();
+            }
+            image
+        };
+        // The files stay open while this thread holds the image; they are unregistered
+        // before it lets go (pause) and the engine goes before the image (drop order).
+        let fds: Vec<_> = image
+            .layers()
+            .iter()
+            .map(|layer| layer.file().raw_fd())
+            .collect();
+        self.engine.register_files(&fds)?;
+        self.read_only = image.read_only();
+        self.image = Some(image);
+        Ok(true)
+    }
+
+    /// Nothing in flight: unregister the chain's files, drop the image, count as paused.
+    fn release_image(&mut self) -> Result<()> {
+        self.engine.register_files(&[])?;
+        self.image = None;
+        self.paused = true;
+        let mut state = self.shared.image.lock();
+        state.paused_queues += 1;
+        self.shared.image_changed.notify_all();
+        Ok(())
+    }
+
+    /// Nothing of this queue in flight: no slot, engine op or worker job.
+    fn idle(&self) -> bool {
+        self.in_use == 0 && self.engine.in_flight() == 0 && self.worker.pending() == 0
+    }
+
+    /// Follow `Shared::pause`: once idle, let go of the image; once cleared, take it back.
+    fn follow_pause(&mut self) -> Result<()> {
+        let pause = self.shared.pause.load(Ordering::Acquire);
+        if pause && !self.paused && self.idle() {
+            self.release_image()?;
+        } else if !pause && self.paused {
+            self.acquire_image()?;
+        }
+        Ok(())
+    }
+
+    /// Paused, or asked to pause: take nothing new.
+    fn holding(&self) -> bool {
+        self.paused || self.shared.pause.load(Ordering::Acquire)
     }
 
     fn serve(&mut self) -> Result<()> {
         self.engine.watch_readable(self.evtchn.fd(), TOKEN_EVTCHN)?;
-        self.engine.watch_readable(self.stop.fd(), TOKEN_STOP)?;
+        self.engine.watch_readable(self.wake.fd(), TOKEN_WAKE)?;
         self.engine
             .watch_readable(self.worker.wake_fd(), TOKEN_WORKER)?;
         let poll_window = self.shared.config.poll_window;
@@ -244,6 +332,10 @@ impl QueueThread {
                 self.stopping = true;
             }
             if !self.stopping {
+                self.follow_pause()?;
+            }
+            let taking = !self.stopping && !self.holding();
+            if taking {
                 if let Err(err) = self.take_requests() {
                     self.fail(format!("queue {}: {err}", self.index));
                 }
@@ -253,8 +345,9 @@ impl QueueThread {
                 return Ok(());
             }
             // Sleep only after the final check (it also sets req_event so the frontend
-            // notifies us), and only when we could take a request if one came.
-            let can_take = self.deferred.is_none() && !self.exclusive_running;
+            // notifies us), and only when we could take a request if one came. While
+            // pausing, requests stay on the ring; resuming takes them without a notify.
+            let can_take = taking && self.deferred.is_none() && !self.exclusive_running;
             if can_take && self.ring.final_check_for_requests() {
                 continue;
             }
@@ -337,9 +430,13 @@ impl QueueThread {
                     self.engine.watch_readable(self.evtchn.fd(), TOKEN_EVTCHN)?;
                 }
             }
-            TOKEN_STOP => {
-                self.stop.clear();
-                self.stopping = true;
+            TOKEN_WAKE => {
+                self.wake.clear();
+                if self.shared.stopping.load(Ordering::Acquire) {
+                    self.stopping = true;
+                } else {
+                    self.engine.watch_readable(self.wake.fd(), TOKEN_WAKE)?;
+                }
             }
             TOKEN_WORKER => {
                 let mut results = std::mem::take(&mut self.job_results);
@@ -381,24 +478,29 @@ impl QueueThread {
             if self.exclusive_running {
                 return Ok(());
             }
-            let request = match self.deferred.take() {
-                Some(request) => request,
+            let (request, taken) = match self.deferred.take() {
+                Some(deferred) => deferred,
                 None => match self.ring.next_request()? {
-                    Some(request) => request,
+                    Some(request) => {
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        (request, Instant::now())
+                    }
                     None => return Ok(()),
                 },
             };
-            if let Some(waiting) = self.start(request) {
-                self.deferred = Some(waiting);
+            if let Some(waiting) = self.start(request, taken) {
+                self.deferred = Some((waiting, taken));
                 return Ok(());
             }
         }
     }
 
-    fn alloc_slot(&mut self, request: &Request, response_op: u8) -> usize {
+    fn alloc_slot(&mut self, request: &Request, response_op: u8, taken: Instant) -> usize {
         let slot = Slot {
             id: request.id,
             response_op,
+            taken,
+            class: op_class(request_class_op(request, response_op)),
             status: status::OKAY,
             pending: 0,
             phase: Phase::Io,
@@ -424,7 +526,10 @@ impl QueueThread {
     }
 
     /// Answer at once, without a slot.
-    fn respond_now(&mut self, request: &Request, response_op: u8, status: i16) {
+    fn respond_now(&mut self, request: &Request, response_op: u8, status: i16, taken: Instant) {
+        if let Some(class) = op_class(request_class_op(request, response_op)) {
+            self.stats.latency[class].record(taken.elapsed().as_micros() as u64);
+        }
         if status == status::ERROR {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         } else if status == status::EOPNOTSUPP {
@@ -439,8 +544,7 @@ impl QueueThread {
     }
 
     /// Start a request. Returns it back when it must wait (buffers, or exclusivity).
-    fn start(&mut self, request: Request) -> Option<Request> {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+    fn start(&mut self, request: Request, taken: Instant) -> Option<Request> {
         let features = &self.shared.config.features;
         let (data_op, response_op) = match (request.operation, request.body) {
             (
@@ -450,14 +554,14 @@ impl QueueThread {
             (op::INDIRECT, RequestBody::Indirect { indirect_op, .. }) => {
                 // The response carries the inner operation: Linux blkfront stops on op 6.
                 if !matches!(indirect_op, op::READ | op::WRITE) {
-                    self.respond_now(&request, indirect_op, status::ERROR);
+                    self.respond_now(&request, indirect_op, status::ERROR, taken);
                     return None;
                 }
                 (indirect_op, indirect_op)
             }
             (op::DISCARD, RequestBody::Discard { .. }) => (op::DISCARD, op::DISCARD),
             (other, _) => {
-                self.respond_now(&request, other, status::EOPNOTSUPP);
+                self.respond_now(&request, other, status::EOPNOTSUPP, taken);
                 return None;
             }
         };
@@ -468,7 +572,7 @@ impl QueueThread {
             _ => true,
         };
         if !supported {
-            self.respond_now(&request, response_op, status::EOPNOTSUPP);
+            self.respond_now(&request, response_op, status::EOPNOTSUPP, taken);
             return None;
         }
         let exclusive = matches!(data_op, op::WRITE_BARRIER | op::DISCARD);
@@ -478,28 +582,32 @@ impl QueueThread {
         }
         match data_op {
             op::DISCARD => {
-                self.start_discard(&request);
+                self.start_discard(&request, taken);
                 None
             }
-            _ => self.start_data(&request, data_op, response_op, exclusive),
+            _ => self.start_data(&request, data_op, response_op, exclusive, taken),
         }
     }
 
-    fn start_discard(&mut self, request: &Request) {
+    fn start_discard(&mut self, request: &Request, taken: Instant) {
         let RequestBody::Discard { flag, nr_sectors } = request.body else {
-            self.respond_now(request, op::DISCARD, status::ERROR);
+            self.respond_now(request, op::DISCARD, status::ERROR, taken);
             return;
         };
         if flag & blkif::DISCARD_SECURE != 0 && !self.shared.config.features.discard_secure {
-            self.respond_now(request, op::DISCARD, status::EOPNOTSUPP);
+            self.respond_now(request, op::DISCARD, status::EOPNOTSUPP, taken);
             return;
         }
         if self.read_only || !self.in_disk(request.sector, nr_sectors) {
-            self.respond_now(request, op::DISCARD, status::ERROR);
+            self.respond_now(request, op::DISCARD, status::ERROR, taken);
             return;
         }
+        let Some(image) = self.image.clone() else {
+            self.respond_now(request, op::DISCARD, status::ERROR, taken);
+            return;
+        };
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
-        let slot = self.alloc_slot(request, op::DISCARD);
+        let slot = self.alloc_slot(request, op::DISCARD, taken);
         self.set_exclusive(slot);
         let shared = Arc::clone(&self.shared);
         let (offset, len) = (request.sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE);
@@ -512,7 +620,7 @@ impl QueueThread {
                 while shared.writes_in_flight.load(Ordering::SeqCst) > 0 {
                     std::thread::sleep(Duration::from_micros(50));
                 }
-                let result = shared.image.discard(offset, len);
+                let result = image.discard(offset, len);
                 shared.discards_waiting.fetch_sub(1, Ordering::SeqCst);
                 result
             }),
@@ -547,7 +655,7 @@ impl QueueThread {
     fn in_disk(&self, sector: u64, count: u64) -> bool {
         sector
             .checked_add(count)
-            .is_some_and(|end| end <= self.sectors)
+            .is_some_and(|end| end <= self.shared.sectors.load(Ordering::Relaxed))
     }
 
     /// Gather the request's segments into `self.segments`; false when they are invalid or
@@ -626,9 +734,10 @@ impl QueueThread {
         data_op: u8,
         response_op: u8,
         exclusive: bool,
+        taken: Instant,
     ) -> Option<Request> {
         if !self.gather_segments(request, data_op) {
-            self.respond_now(request, response_op, status::ERROR);
+            self.respond_now(request, response_op, status::ERROR, taken);
             return None;
         }
         let total_sectors: u64 = self
@@ -643,7 +752,7 @@ impl QueueThread {
         if (has_range && !self.in_disk(request.sector, total_sectors))
             || (!is_read && has_range && self.read_only)
         {
-            self.respond_now(request, response_op, status::ERROR);
+            self.respond_now(request, response_op, status::ERROR, taken);
             return None;
         }
         let bytes = (total_sectors * SECTOR_SIZE) as usize;
@@ -689,7 +798,7 @@ impl QueueThread {
                     .fetch_add(bytes as u64, Ordering::Relaxed);
             }
         }
-        let slot = self.alloc_slot(request, response_op);
+        let slot = self.alloc_slot(request, response_op, taken);
         if let Some(s) = self.slots[slot].as_mut() {
             s.counted_write = counted_write;
         }
@@ -826,7 +935,7 @@ impl QueueThread {
 
     /// Read guest bytes `[pos, pos + memory.len)` as layer `depth` and those below see them.
     fn read_piece(&mut self, slot: usize, depth: usize, pos: u64, memory: IoMemory) -> Result<()> {
-        let image = Arc::clone(&self.shared.image);
+        let image = self.served_image()?;
         let layers = image.layers();
         let Some(layer) = layers.get(depth) else {
             // SAFETY: the slot owns `memory` and no I/O into it is in flight for this range.
@@ -906,7 +1015,7 @@ impl QueueThread {
     }
 
     fn write_piece(&mut self, slot: usize, pos: u64, memory: IoMemory) -> Result<()> {
-        let image = Arc::clone(&self.shared.image);
+        let image = self.served_image()?;
         let top = image.top();
         let mut done = 0usize;
         while done < memory.len {
@@ -932,14 +1041,14 @@ impl QueueThread {
                 _ => {
                     // Allocation, copy-on-write or an unaligned piece: the chain's own
                     // write path, on the worker.
-                    let shared = Arc::clone(&self.shared);
+                    let image = Arc::clone(&image);
                     self.submit_job(
                         slot,
                         Box::new(move || {
                             // SAFETY: the slot keeps `part` alive and unchanged until this
                             // job's result is collected.
                             let data = unsafe { part.as_slice() };
-                            shared.image.write_at(data, at)
+                            image.write_at(data, at)
                         }),
                     );
                 }
@@ -947,6 +1056,13 @@ impl QueueThread {
             done += n;
         }
         Ok(())
+    }
+
+    /// The image requests are served from (a request only starts while one is held).
+    fn served_image(&self) -> Result<Arc<Image>> {
+        self.image
+            .clone()
+            .ok_or_else(|| crate::error::Error::invalid("paused: no image"))
     }
 
     fn push_op(&mut self, slot: usize, op: Op) {
@@ -1017,8 +1133,10 @@ impl QueueThread {
         };
         if s.phase == Phase::Io && s.flush_after && s.status == status::OKAY {
             s.phase = Phase::Flushing;
-            let image = Arc::clone(&self.shared.image);
-            self.submit_job(slot, Box::new(move || image.flush()));
+            match self.image.clone() {
+                Some(image) => self.submit_job(slot, Box::new(move || image.flush())),
+                None => self.set_status(slot, status::ERROR),
+            }
             let pending = self.slots[slot].as_ref().map_or(0, |s| s.pending);
             if pending > 0 {
                 return;
@@ -1034,6 +1152,9 @@ impl QueueThread {
         self.free_slots.push(slot);
         self.in_use -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(class) = s.class {
+            self.stats.latency[class].record(s.taken.elapsed().as_micros() as u64);
+        }
         if s.exclusive {
             self.exclusive_running = false;
         }

@@ -58,7 +58,8 @@ pub trait Engine {
 
     /// Make later ops on these fds use registered files where the engine has them (saves
     /// the kernel a file lookup per op). The fds must stay open, and keep naming the same
-    /// files, for the engine's lifetime. Call once, before any `push`.
+    /// files, until the set is replaced by another call (an empty set unregisters) or the
+    /// engine is dropped. Call only with no op in flight.
     fn register_files(&mut self, _fds: &[RawFd]) -> Result<()> {
         Ok(())
     }

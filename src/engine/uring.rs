@@ -310,7 +310,16 @@ impl Engine for UringEngine {
     }
 
     fn register_files(&mut self, fds: &[RawFd]) -> Result<()> {
-        if fds.is_empty() || !self.files.is_empty() {
+        if !self.files.is_empty() {
+            // A registered file stays open in the kernel even once its fd is closed: drop
+            // the old set before a pause closes the chain or a new chain replaces it.
+            self.ring
+                .submitter()
+                .unregister_files()
+                .map_err(|e| Error::io("io_uring unregister files", e))?;
+            self.files.clear();
+        }
+        if fds.is_empty() {
             return Ok(());
         }
         match self.ring.submitter().register_files(fds) {

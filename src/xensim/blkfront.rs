@@ -650,10 +650,39 @@ impl Drop for Queue {
     }
 }
 
+/// How the frontend hands its rings to the backend and takes them back: `ferrotap serve`'s
+/// control socket ([`ControlClient`]), or the XenBus handshake
+/// ([`super::xenbus_front::XenbusFront`]).
+pub trait BackendLink: Send {
+    /// Hand the rings over; once the backend is connected, update `info` with what it
+    /// publishes only then (sectors, sector size, read-only).
+    fn connect(&mut self, request: &ConnectRequest, info: &mut BackendInfo) -> Result<()>;
+    /// Tell the backend to let go (it completes or fails what is in flight, unmaps, unbinds).
+    fn disconnect(&mut self) -> Result<()>;
+    /// The control connection, when that is the link.
+    fn control(&mut self) -> Option<&mut ControlClient> {
+        None
+    }
+}
+
+impl BackendLink for ControlClient {
+    fn connect(&mut self, request: &ConnectRequest, _info: &mut BackendInfo) -> Result<()> {
+        self.connect_rings(request)
+    }
+
+    fn disconnect(&mut self) -> Result<()> {
+        ControlClient::disconnect(self)
+    }
+
+    fn control(&mut self) -> Option<&mut ControlClient> {
+        Some(self)
+    }
+}
+
 /// A connected simulated blkfront.
 pub struct Blkfront {
     queues: Vec<Queue>,
-    control: ControlClient,
+    link: Box<dyn BackendLink>,
     negotiated: Negotiated,
     memory: GuestMemory,
     grants: Arc<GrantTable>,
@@ -666,7 +695,17 @@ impl Blkfront {
     pub fn connect(config: &FrontConfig) -> Result<Blkfront> {
         let mut control = ControlClient::connect(&config.control)?;
         let info = control.info()?;
-        let negotiated = negotiate(config, info)?;
+        Blkfront::connect_through(config, info, Box::new(control))
+    }
+
+    /// As [`Self::connect`], with the backend's offer `info` already known and the rings
+    /// handed over through `link`.
+    pub fn connect_through(
+        config: &FrontConfig,
+        info: BackendInfo,
+        mut link: Box<dyn BackendLink>,
+    ) -> Result<Blkfront> {
+        let mut negotiated = negotiate(config, info)?;
         let (memory, grants) = create_guest(config, &negotiated)?;
         let grants = Arc::new(grants);
         let queues = (0..negotiated.queues as usize)
@@ -685,10 +724,10 @@ impl Blkfront {
                 .collect(),
             persistent: negotiated.persistent,
         };
-        control.connect_rings(&request)?;
+        link.connect(&request, &mut negotiated.info)?;
         Ok(Blkfront {
             queues,
-            control,
+            link,
             negotiated,
             memory,
             grants,
@@ -720,16 +759,20 @@ impl Blkfront {
         &self.grants
     }
 
-    /// The control connection (tests send `stats` or `info` through it).
+    /// The control connection (tests send `stats` or `info` through it). Panics when the
+    /// frontend was connected through xenstore.
     pub fn control_mut(&mut self) -> &mut ControlClient {
-        &mut self.control
+        match self.link.control() {
+            Some(control) => control,
+            None => panic!("this blkfront reaches its backend through xenstore"),
+        }
     }
 
     /// Tell the backend to let go (it completes or fails what is in flight, unmaps, unbinds).
     pub fn disconnect(&mut self) -> Result<()> {
         if self.connected {
             self.connected = false;
-            self.control.disconnect()?;
+            self.link.disconnect()?;
         }
         Ok(())
     }

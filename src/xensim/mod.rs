@@ -2,16 +2,20 @@
 //! (`ferrotap xensim blkfront`), for tests and as the ring benchmark's load generator.
 //!
 //! [`guest`] is the guest's memory, grant table and event channels; [`blkfront`] the device
-//! (rings, slots, grants, requests); [`workload`] what it sends; [`control`] how it reaches
-//! `ferrotap serve` (its control socket, while there is no xenstore handshake).
+//! (rings, slots, grants, requests); [`workload`] what it sends; [`control`] and
+//! [`xenbus_front`] the two ways it reaches its backend: `ferrotap serve`'s control socket, or
+//! the XenBus handshake through xenstore (with blkback-shim on the other side).
 
 pub mod blkfront;
 pub mod control;
 pub mod guest;
 pub mod workload;
+pub mod xenbus_front;
 pub mod xenstored;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -19,11 +23,13 @@ use clap::{Args, Subcommand};
 use crate::blkif::Protocol;
 use crate::error::{Error, Result};
 use blkfront::{Blkfront, FrontConfig};
-use workload::{Stop, WorkloadConfig, WorkloadKind};
+use workload::{Outcome, Stop, WorkloadConfig, WorkloadKind};
+use xenbus_front::XenbusFront;
 
 #[derive(Debug, Subcommand)]
 pub enum XensimCommand {
-    /// A simulated blkfront: connects to `ferrotap serve`, runs a workload, reports.
+    /// A simulated blkfront: connects to `ferrotap serve` (its control socket, or the XenBus
+    /// handshake with --xenstore), runs a workload, reports.
     Blkfront(BlkfrontArgs),
     /// The simulated host's xenstored, in the foreground: listens on DIR/xenstored.
     Xenstored(xenstored::XenstoredArgs),
@@ -35,8 +41,23 @@ pub struct BlkfrontArgs {
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
     /// `ferrotap serve`'s control socket.
-    #[arg(long, value_name = "SOCK")]
-    pub control: PathBuf,
+    #[arg(long, value_name = "SOCK", required_unless_present = "xenstore")]
+    pub control: Option<PathBuf>,
+    /// Connect through the XenBus handshake on the host's xenstored (DIR/xenstored) instead:
+    /// the frontend of /local/domain/<domid>/device/vbd/<devid>, finding its backend through
+    /// FE/backend (the toolstack wrote both).
+    #[arg(long, conflicts_with = "control")]
+    pub xenstore: bool,
+    /// The virtual device (with --xenstore).
+    #[arg(long, default_value_t = 51712, requires = "xenstore")]
+    pub devid: u32,
+    /// With --xenstore: after the run, close (5, 6), reinitialise (1, as after a guest
+    /// reboot) and run again, N more times.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "xenstore")]
+    pub reconnect: u32,
+    /// With --xenstore: seconds to wait for each backend state change.
+    #[arg(long, value_name = "S", default_value_t = 30.0, requires = "xenstore")]
+    pub handshake_timeout: f64,
     /// The guest's domain id (>= 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub domid: u16,
@@ -140,18 +161,29 @@ fn run_blkfront(args: &BlkfrontArgs) -> Result<()> {
         indirect_segments: args.indirect_segments,
         iodepth: args.iodepth,
         slot_segments: workload.slot_segments(),
-        ..FrontConfig::new(args.dir.clone(), args.control.clone())
+        ..FrontConfig::new(args.dir.clone(), args.control.clone().unwrap_or_default())
     };
-    let mut front = Blkfront::connect(&config)?;
-    let outcome = workload::run(&mut front, &workload)?;
-    front.disconnect()?;
+    let (outcome, size) = if args.xenstore {
+        let (outcome, sectors, resizes) = run_over_xenstore(args, &config, &workload)?;
+        (outcome, Some((sectors, resizes)))
+    } else {
+        let mut front = Blkfront::connect(&config)?;
+        let outcome = workload::run(&mut front, &workload)?;
+        front.disconnect()?;
+        (outcome, None)
+    };
     if let (Some(path), Some(model)) = (&args.model_out, &outcome.model) {
         model.dump(path)?;
     }
     let report = outcome.report;
     if args.json {
-        let json = serde_json::to_string(&report)
+        let mut json = serde_json::to_value(report)
             .map_err(|err| Error::invalid(format!("encode report: {err}")))?;
+        if let Some((sectors, resizes)) = size {
+            // What the guest last saw of the disk's size (it changes on an online resize).
+            json["sectors"] = sectors.into();
+            json["resizes"] = resizes.into();
+        }
         println!("{json}");
     } else {
         println!(
@@ -171,4 +203,43 @@ fn run_blkfront(args: &BlkfrontArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The XenBus way: handshake, run, close; then, `--reconnect` times, reinitialise and run
+/// again. Returns the last run, and the disk's size in sectors and the resizes seen.
+fn run_over_xenstore(
+    args: &BlkfrontArgs,
+    config: &FrontConfig,
+    workload: &WorkloadConfig,
+) -> Result<(Outcome, u64, u64)> {
+    let socket = args.dir.join("xenstored");
+    let client = Arc::new(
+        crate::xenstore::Client::connect(&socket)
+            .map_err(|err| Error::invalid(format!("xenstore at {}: {err}", socket.display())))?,
+    );
+    let timeout = Duration::try_from_secs_f64(args.handshake_timeout).map_err(|err| {
+        Error::invalid(format!(
+            "--handshake-timeout {}: {err}",
+            args.handshake_timeout
+        ))
+    })?;
+    let mut resizes = 0;
+    let mut run = 0;
+    loop {
+        let mut link = XenbusFront::open(Arc::clone(&client), args.domid, args.devid, timeout)?;
+        let offer = link.wait_for_offer()?;
+        let (sectors, resized) = link.size_observer();
+        let mut front = Blkfront::connect_through(config, offer, Box::new(link))?;
+        let outcome = workload::run(&mut front, workload)?;
+        front.disconnect()?;
+        resizes += resized.load(Ordering::Acquire);
+        if run == args.reconnect {
+            return Ok((outcome, sectors.load(Ordering::Acquire), resizes));
+        }
+        run += 1;
+        eprintln!(
+            "ferrotap xensim blkfront: closed; reconnecting ({run} of {})",
+            args.reconnect
+        );
+    }
 }

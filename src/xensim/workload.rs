@@ -655,8 +655,11 @@ impl VerifyDriver {
                 .max_segments
                 .min(MAX_SEGMENTS_PER_REQUEST as u64)
         };
-        if operation != op::READ && operation != op::WRITE && rng.below(2) == 0 {
-            // A pure flush or barrier, no data.
+        if operation != op::READ
+            && operation != op::WRITE
+            && (self.shared.read_only || rng.below(2) == 0)
+        {
+            // A pure flush or barrier, no data (the only kind a read-only disk takes).
             return (0, 0);
         }
         let max_sectors = (max_segments * per_page).min(region);

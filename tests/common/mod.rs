@@ -5,6 +5,7 @@
 
 pub mod blkif;
 pub mod host;
+pub mod toolstack;
 
 use std::path::Path;
 use std::process::{Command, Output};
