@@ -608,15 +608,30 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     let image = raw_image(disk.path(), "c.raw", 16);
     let own_serve = host.sim.serve("own", &image, &[]);
     let attached = Vbd::disk(3, XVDA, own_serve.control.to_str().unwrap());
-    for vbd in [&used, &idle, &attached] {
+    // Likewise through `physical-device-path`, `params` naming the image as XCP-ng's does.
+    let image = raw_image(disk.path(), "d.raw", 16);
+    let pdp_serve = host.sim.serve("pdp", &image, &[]);
+    let by_pdp = Vbd::disk(4, XVDA, image.to_str().unwrap());
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         toolstack::add(&host.xs, vbd);
     }
+    host.stock_write(
+        &by_pdp.backend(),
+        &[("physical-device-path", pdp_serve.control.to_str().unwrap())],
+    );
     let mut shim = host.start_shim("shim.log");
-    for vbd in [&used, &idle, &attached] {
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         host.wait_value(&format!("{}/state", vbd.backend()), "2");
     }
     report(host.blkfront(&used, &["--ops", "300"]));
     report(host.blkfront(&attached, &["--ops", "300"]));
+    report(host.blkfront(&by_pdp, &["--ops", "300"]));
+    let stats = pdp_serve.ctl(&serde_json::json!({"op": "stats"}));
+    assert!(
+        stats["totals"]["requests"].as_u64().unwrap_or(0) >= 300,
+        "{stats}"
+    );
+    assert!(!host.serve_socket(&by_pdp).exists());
 
     toolstack::set_offline(&host.xs, &used);
     wait_serve_gone(&host.serve_socket(&used));
@@ -632,8 +647,13 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["connected"], false, "{info}");
     assert!(!host.serve_socket(&attached).exists());
+    toolstack::set_offline(&host.xs, &by_pdp);
+    host.wait_value(&format!("{}/state", by_pdp.backend()), "6");
+    let info = pdp_serve.ctl(&serde_json::json!({"op": "info"}));
+    assert_eq!(info["connected"], false, "{info}");
     shim.assert_running();
     own_serve.close();
+    pdp_serve.close();
 }
 
 #[test]
