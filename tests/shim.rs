@@ -376,7 +376,9 @@ fn handshake_and_verified_io_through_the_shim_on_qcow2() {
             "2",
             "--persistent",
             "--ops",
-            "3000",
+            "800",
+            "--indirect-segments",
+            "64",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -572,7 +574,7 @@ fn guest_disconnects_and_reconnects() {
     // Three connections: 1 -> 3 -> 4 -> 5 -> 6, then 1 again (a reboot), twice.
     let front = host.blkfront(
         &vbd,
-        &["--reconnect", "2", "--ops", "500", "--ring-page-order", "1"],
+        &["--reconnect", "2", "--ops", "300", "--ring-page-order", "1"],
     );
     let report = report(front);
     assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
