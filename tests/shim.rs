@@ -5,7 +5,7 @@
 //! Disk contents are checked by qemu-img (check, convert) against the guest's model.
 //!
 //! The shim is another package's binary: it is built (`cargo build -p blkback-shim`, a no-op
-//! when fresh) beside this package's `ferrotap` and found there (see [`shim_binary`]).
+//! when fresh) beside this package's `ferrotap` and found there (see `common::shim_binary`).
 
 mod common;
 
@@ -15,12 +15,12 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::host::{ferrotap, SimHost};
-use common::run_ok;
 use common::toolstack::{self, Vbd};
+use common::{run_ok, shim_binary};
 use ferrotap::blkif::MAX_INDIRECT_SEGMENTS;
 use ferrotap::datapath::{DEFAULT_MAX_QUEUES, MAX_RING_PAGE_ORDER};
 use ferrotap::xenstore::Client;
@@ -28,34 +28,6 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 const XVDA: u32 = 51712;
-
-/// target/<profile>/ferrotap-shim, built once per test run so it is never stale.
-fn shim_binary() -> &'static Path {
-    static SHIM: OnceLock<PathBuf> = OnceLock::new();
-    SHIM.get_or_init(|| {
-        let ferrotap = PathBuf::from(env!("CARGO_BIN_EXE_ferrotap"));
-        let profile_dir = ferrotap.parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "blkback-shim",
-                "--bin",
-                "ferrotap-shim",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        run_ok(&mut build);
-        let shim = profile_dir.join("ferrotap-shim");
-        assert!(shim.is_file(), "{} was not built", shim.display());
-        shim
-    })
-}
 
 /// A process killed when the test ends; its stderr goes to `log`, shown if the test fails.
 struct Daemon {
