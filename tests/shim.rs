@@ -469,6 +469,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
 
     // Bad frontends, played with the stock xenstore-write; each fails alone.
     let order = (MAX_RING_PAGE_ORDER + 1).to_string();
+    let long = "x".repeat(3000);
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("event-channel", "5")], "no ring-ref"),
         (
@@ -490,6 +491,11 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
         (
             vec![("ring-ref", "8"), ("event-channel", "seven")],
             "bad event-channel",
+        ),
+        // A value as long as xenstore takes: the error still fits a node.
+        (
+            vec![("ring-ref", "8"), ("event-channel", &long)],
+            "bad event-channel \"xxxx",
         ),
         // Well-formed, but the guest granted nothing: serve refuses to map the ring.
         (
