@@ -705,3 +705,44 @@ fn a_frontend_breaking_its_ring_is_a_failed_event() {
     serve.close();
     watch.assert_ends();
 }
+
+#[test]
+fn sigterm_closes_like_close() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
+    let host = SimHost::new();
+    let dirs = Dirs::new();
+    let mut serve = dirs.serve(&host, &image, &["--devid", "832"]);
+    let pid = serve.pid();
+    let (mut watch, _) = Watch::open(&serve);
+    let front = Blkfront::connect(&FrontConfig::new(
+        host.path().to_path_buf(),
+        serve.control.clone(),
+    ))
+    .unwrap();
+    let shm = dirs.shm.path();
+    assert!(shm.join("vbd3-1-832/statistics").exists());
+    assert_eq!(
+        dirs.ctl_json(&["list", "--json"]).as_array().unwrap().len(),
+        1
+    );
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let status = serve.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "serve after SIGTERM: {status}");
+    assert_eq!(watch.next(), json!({"event": "disconnected"}));
+    watch.assert_ends();
+    assert!(!shm.join("vbd3-1-832").exists());
+    assert!(!shm.join(format!("td3-{pid}")).exists());
+    assert!(!serve.control.exists());
+    assert_eq!(dirs.ctl_json(&["list", "--json"]), json!([]));
+    assert_eq!(
+        std::fs::read_dir(dirs.run.path()).unwrap().count(),
+        0,
+        "the registry entry stayed"
+    );
+    drop(front);
+}
