@@ -1010,6 +1010,45 @@ mod tests {
         assert_eq!(write(&mut server, "/again", b"x"), b"OK\0");
     }
 
+    fn request(server: &mut Offline, msg_type: MsgType, tx_id: u32, payload: &[u8]) -> Vec<u8> {
+        let header = Header {
+            msg_type: msg_type as u32,
+            req_id: 7,
+            tx_id,
+            len: payload.len() as u32,
+        };
+        server.request(0, &header, payload);
+        let mut output = server.take_output(0);
+        output.remove(0).split_off(wire::HEADER_LEN)
+    }
+
+    #[test]
+    fn the_deepest_paths_are_written_snapshotted_and_removed() {
+        // 1,535 levels: the longest absolute path xenstored allows. Removing it drops the
+        // nested nodes recursively, here on a test thread's smaller stack than the 8 MiB of
+        // a connection thread.
+        let deep = "/a".repeat(wire::ABS_PATH_MAX / 2 - 1) + "/z";
+        assert!(deep.len() <= wire::ABS_PATH_MAX);
+        let mut server = Offline::new(1);
+        assert_eq!(write(&mut server, &deep, b"bottom"), b"OK\0");
+        let tx = request(&mut server, MsgType::TransactionStart, 0, b"\0");
+        let tx: u32 = std::str::from_utf8(&tx[..tx.len() - 1])
+            .unwrap()
+            .parse()
+            .unwrap();
+        let rm = [b"/a".as_slice(), b"\0"].concat();
+        assert_eq!(request(&mut server, MsgType::Rm, tx, &rm), b"OK\0");
+        // Written below the removed subtree meanwhile: the removal conflicts.
+        assert_eq!(write(&mut server, &deep, b"changed"), b"OK\0");
+        let end = request(&mut server, MsgType::TransactionEnd, tx, b"T\0");
+        assert_eq!(end, b"EAGAIN\0");
+        let read = [deep.as_bytes(), b"\0"].concat();
+        assert_eq!(request(&mut server, MsgType::Read, 0, &read), b"changed");
+        assert_eq!(request(&mut server, MsgType::Rm, 0, &rm), b"OK\0");
+        server.check_accounting().unwrap();
+        assert_eq!(server.store.tree.nodes, 4);
+    }
+
     #[test]
     fn the_byte_limit_gives_enospc() {
         let mut server = Offline::new(1);
