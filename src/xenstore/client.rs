@@ -116,7 +116,12 @@ fn xenstore_error(op: MsgType, path: &str, name: &[u8]) -> Error {
             String::from_utf8_lossy(name)
         )),
     };
-    Error::io(&format!("xenstore {} {path}", op.name()), source)
+    let what = if path.is_empty() {
+        format!("xenstore {}", op.name())
+    } else {
+        format!("xenstore {} {path}", op.name())
+    };
+    Error::io(&what, source)
 }
 
 fn local_error(op: MsgType, path: &str, errno: Errno) -> Error {
