@@ -340,6 +340,7 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
             "11",
             "--queues",
             "2",
+            "--persistent",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -368,6 +369,8 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
         assert_eq!(queue["in_flight"], json!(0), "{stats}");
     }
     let taken = n(&stats["totals"]["requests"]);
+    // The guest's persistent grants stay mapped across the pause (only the image closes).
+    assert!(n(&stats["totals"]["persistent_grants"]) > 0, "{stats}");
     assert!(
         !open_files(pid).contains(&base),
         "the image is still open while paused: {:?}",
