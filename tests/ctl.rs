@@ -340,6 +340,7 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
             "11",
             "--queues",
             "2",
+            "--persistent",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -368,6 +369,8 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
         assert_eq!(queue["in_flight"], json!(0), "{stats}");
     }
     let taken = n(&stats["totals"]["requests"]);
+    // The guest's persistent grants stay mapped across the pause (only the image closes).
+    assert!(n(&stats["totals"]["persistent_grants"]) > 0, "{stats}");
     assert!(
         !open_files(pid).contains(&base),
         "the image is still open while paused: {:?}",
@@ -704,4 +707,45 @@ fn a_frontend_breaking_its_ring_is_a_failed_event() {
     drop(front);
     serve.close();
     watch.assert_ends();
+}
+
+#[test]
+fn sigterm_closes_like_close() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
+    let host = SimHost::new();
+    let dirs = Dirs::new();
+    let mut serve = dirs.serve(&host, &image, &["--devid", "832"]);
+    let pid = serve.pid();
+    let (mut watch, _) = Watch::open(&serve);
+    let front = Blkfront::connect(&FrontConfig::new(
+        host.path().to_path_buf(),
+        serve.control.clone(),
+    ))
+    .unwrap();
+    let shm = dirs.shm.path();
+    assert!(shm.join("vbd3-1-832/statistics").exists());
+    assert_eq!(
+        dirs.ctl_json(&["list", "--json"]).as_array().unwrap().len(),
+        1
+    );
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let status = serve.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "serve after SIGTERM: {status}");
+    assert_eq!(watch.next(), json!({"event": "disconnected"}));
+    watch.assert_ends();
+    assert!(!shm.join("vbd3-1-832").exists());
+    assert!(!shm.join(format!("td3-{pid}")).exists());
+    assert!(!serve.control.exists());
+    assert_eq!(dirs.ctl_json(&["list", "--json"]), json!([]));
+    assert_eq!(
+        std::fs::read_dir(dirs.run.path()).unwrap().count(),
+        0,
+        "the registry entry stayed"
+    );
+    drop(front);
 }

@@ -348,7 +348,9 @@ fn handshake_and_verified_io_through_the_shim_on_qcow2() {
             "2",
             "--persistent",
             "--ops",
-            "3000",
+            "800",
+            "--indirect-segments",
+            "64",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -467,6 +469,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
 
     // Bad frontends, played with the stock xenstore-write; each fails alone.
     let order = (MAX_RING_PAGE_ORDER + 1).to_string();
+    let long = "x".repeat(3000);
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("event-channel", "5")], "no ring-ref"),
         (
@@ -488,6 +491,11 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
         (
             vec![("ring-ref", "8"), ("event-channel", "seven")],
             "bad event-channel",
+        ),
+        // A value as long as xenstore takes: the error still fits a node.
+        (
+            vec![("ring-ref", "8"), ("event-channel", &long)],
+            "bad event-channel \"xxxx",
         ),
         // Well-formed, but the guest granted nothing: serve refuses to map the ring.
         (
@@ -544,7 +552,7 @@ fn guest_disconnects_and_reconnects() {
     // Three connections: 1 -> 3 -> 4 -> 5 -> 6, then 1 again (a reboot), twice.
     let front = host.blkfront(
         &vbd,
-        &["--reconnect", "2", "--ops", "500", "--ring-page-order", "1"],
+        &["--reconnect", "2", "--ops", "300", "--ring-page-order", "1"],
     );
     let report = report(front);
     assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
@@ -580,15 +588,30 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     let image = raw_image(disk.path(), "c.raw", 16);
     let own_serve = host.sim.serve("own", &image, &[]);
     let attached = Vbd::disk(3, XVDA, own_serve.control.to_str().unwrap());
-    for vbd in [&used, &idle, &attached] {
+    // Likewise through `physical-device-path`, `params` naming the image as XCP-ng's does.
+    let image = raw_image(disk.path(), "d.raw", 16);
+    let pdp_serve = host.sim.serve("pdp", &image, &[]);
+    let by_pdp = Vbd::disk(4, XVDA, image.to_str().unwrap());
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         toolstack::add(&host.xs, vbd);
     }
+    host.stock_write(
+        &by_pdp.backend(),
+        &[("physical-device-path", pdp_serve.control.to_str().unwrap())],
+    );
     let mut shim = host.start_shim("shim.log");
-    for vbd in [&used, &idle, &attached] {
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         host.wait_value(&format!("{}/state", vbd.backend()), "2");
     }
     report(host.blkfront(&used, &["--ops", "300"]));
     report(host.blkfront(&attached, &["--ops", "300"]));
+    report(host.blkfront(&by_pdp, &["--ops", "300"]));
+    let stats = pdp_serve.ctl(&serde_json::json!({"op": "stats"}));
+    assert!(
+        stats["totals"]["requests"].as_u64().unwrap_or(0) >= 300,
+        "{stats}"
+    );
+    assert!(!host.serve_socket(&by_pdp).exists());
 
     toolstack::set_offline(&host.xs, &used);
     wait_serve_gone(&host.serve_socket(&used));
@@ -604,8 +627,13 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["connected"], false, "{info}");
     assert!(!host.serve_socket(&attached).exists());
+    toolstack::set_offline(&host.xs, &by_pdp);
+    host.wait_value(&format!("{}/state", by_pdp.backend()), "6");
+    let info = pdp_serve.ctl(&serde_json::json!({"op": "info"}));
+    assert_eq!(info["connected"], false, "{info}");
     shim.assert_running();
     own_serve.close();
+    pdp_serve.close();
 }
 
 #[test]

@@ -40,6 +40,9 @@ mod state {
 const VDISK_CDROM: u32 = 1;
 const VDISK_READONLY: u32 = 4;
 
+/// The most characters of a message written to `BE/error`.
+const ERROR_MAX: usize = 1024;
+
 /// Attempts at a transaction that keeps meeting EAGAIN.
 const TRANSACTION_ATTEMPTS: u32 = 32;
 
@@ -596,6 +599,11 @@ impl Shim {
     /// An error for the toolstack: `BE/error`, state Closing, and the log.
     fn fail(&mut self, key: Key, message: &str) {
         error!("{}: {message}", name(key));
+        // Whatever it quotes, the node must fit one xenstore write.
+        let message = match message.char_indices().nth(ERROR_MAX) {
+            Some((end, _)) => &message[..end],
+            None => message,
+        };
         // The machine moves again when the frontend does, from the state it is in now.
         let frontend_state = self
             .vbds

@@ -708,3 +708,58 @@ impl Drop for Device {
         let _ = self.disconnect();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_log2_microseconds() {
+        let histogram = LatencyHistogram::default();
+        for (micros, bucket) in [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (3, 2),
+            (1023, 10),
+            (1024, 11),
+            (1 << 29, 30),
+            ((1 << 30) - 1, 30),
+            (1 << 30, 31),
+            (u64::MAX / 4, 31),
+        ] {
+            let before = histogram.snapshot().buckets[bucket];
+            histogram.record(micros);
+            assert_eq!(
+                histogram.snapshot().buckets[bucket],
+                before + 1,
+                "{micros} us"
+            );
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 10);
+        assert_eq!(snapshot.buckets.iter().sum::<u64>(), 10);
+        assert_eq!(snapshot.max_us, u64::MAX / 4);
+    }
+
+    #[test]
+    fn totals_sum_queues_and_keep_the_largest_maximum() {
+        let (a, b) = (QueueStats::default(), QueueStats::default());
+        a.requests.store(3, Ordering::Relaxed);
+        b.requests.store(4, Ordering::Relaxed);
+        a.latency[0].record(10);
+        b.latency[0].record(700);
+        b.latency[3].record(5);
+        let total = QueueStatsSnapshot::total(&[a.snapshot(), b.snapshot()]);
+        assert_eq!(total.requests, 7);
+        assert_eq!(total.latency.read.count, 2);
+        assert_eq!(total.latency.read.sum_us, 710);
+        assert_eq!(total.latency.read.max_us, 700);
+        assert_eq!(
+            total.latency.read.buckets[4] + total.latency.read.buckets[10],
+            2
+        );
+        assert_eq!(total.latency.discard.count, 1);
+        assert_eq!(total.latency.write.count, 0);
+    }
+}
