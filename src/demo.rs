@@ -2,9 +2,10 @@
 //! command. In a temporary directory it builds a raw base with a pattern, a qcow2 overlay
 //! on it and a VHD differencing chain holding the same guest writes, then converts,
 //! compares (with ferrotap, and with qemu-img when installed), checks and commits, printing
-//! sizes and throughput. Finally it serves a new qcow2 overlay on that chain as a guest disk on a simulated
-//! Xen host (xensim): `ferrotap serve` and a simulated blkfront, each its own process, run
-//! a verified random workload and a short random-read run.
+//! sizes and throughput. Finally it runs a whole simulated Xen host (xensim): xenstored,
+//! blkback-shim, the toolstack's vbd3 nodes for a new qcow2 overlay on that chain, the
+//! `ferrotap serve` the shim starts, and a simulated guest whose blkfront runs the XenBus
+//! handshake, a verified random workload and, after a reconnect, a short random-read run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,8 @@ use crate::img::create::create_image;
 use crate::img::open_image;
 use crate::img::progress::Progress;
 use crate::img::size::human_size;
+use crate::toolstack::{self, Vbd3};
+use crate::xenstore::Client;
 
 const MIB: u64 = 1 << 20;
 
@@ -337,7 +340,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Some(("overlay.qcow2", Some(Format::Qcow2))),
         no_options(),
     )?;
-    serve_on_xensim(&guest)?;
+    simulated_host(&guest)?;
     let (_, report) = check_layer(&guest, None)?;
     if !report.corruptions.is_empty() || !report.leaks.is_empty() {
         return Err(Error::invalid(format!(
@@ -380,13 +383,14 @@ impl Drop for Child {
     }
 }
 
-/// Run the simulated blkfront with `args`; its JSON report.
-fn blkfront(exe: &Path, sim: &Path, control: &Path, args: &[&str]) -> Result<serde_json::Value> {
+/// Run the simulated blkfront of guest `domid` through the XenBus handshake with `args`; its
+/// JSON report.
+fn blkfront(exe: &Path, sim: &Path, domid: u32, args: &[&str]) -> Result<serde_json::Value> {
     let out = Command::new(exe)
-        .args(["xensim", "blkfront", "--json", "--dir"])
+        .args(["xensim", "blkfront", "--json", "--xenstore", "--dir"])
         .arg(sim)
-        .arg("--control")
-        .arg(control)
+        .arg("--domid")
+        .arg(domid.to_string())
         .args(args)
         .output()
         .map_err(|e| Error::io("run the simulated blkfront", e))?;
@@ -404,43 +408,129 @@ fn blkfront(exe: &Path, sim: &Path, control: &Path, args: &[&str]) -> Result<ser
         .ok_or_else(|| Error::invalid("simulated blkfront printed no report"))
 }
 
-/// `ferrotap serve` on `image`, driven by a simulated blkfront over xensim.
-fn serve_on_xensim(image: &Path) -> Result<()> {
+/// Start `program args`, its stderr into `log`, and wait until `socket` accepts connections.
+fn start_daemon(
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+    socket: &Path,
+) -> Result<Child> {
+    let log_file = std::fs::File::create(log).map_err(|e| Error::io("create", e).with_path(log))?;
+    let child = Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| Error::io("start", e).with_path(program))?;
+    let mut child = Child(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if Instant::now() > deadline || matches!(child.0.try_wait(), Ok(Some(_))) {
+            return Err(Error::invalid(format!(
+                "{} did not start: {}",
+                program.display(),
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Wait until `path` in xenstore reads `want` (or, with `want` None, is gone).
+fn wait_for_node(xs: &Client, path: &str, want: Option<&str>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = xs.read_opt(0, path)?;
+        if value.as_deref() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::invalid(format!(
+                "{path} is {value:?} after 20 s, not {want:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A whole simulated Xen host serving `image` to a guest: xensim's xenstored,
+/// blkback-shim watching it, the toolstack's vbd3 nodes, the `ferrotap serve` the shim
+/// starts, and a simulated guest whose blkfront runs the XenBus handshake and verified I/O.
+fn simulated_host(image: &Path) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find ferrotap", e))?;
+    let shim = exe.with_file_name("ferrotap-shim");
+    if !shim.exists() {
+        return Err(Error::invalid(format!(
+            "{} is missing: build the whole workspace (cargo build --release --workspace)",
+            shim.display()
+        )));
+    }
+    // Short, because its sockets must fit in sun_path.
     let sim = SimDir(PathBuf::from(format!(
         "/dev/shm/ftdemo.{}",
         std::process::id()
     )));
-    std::fs::create_dir_all(&sim.0).map_err(|e| Error::io("create", e).with_path(&sim.0))?;
-    let control = sim.0.join("vbd.ctl");
-    let serve = Command::new(&exe)
-        .arg("serve")
-        .arg("--image")
-        .arg(image)
-        .arg("--xensim")
-        .arg(&sim.0)
-        .arg("--control")
-        .arg(&control)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| Error::io("start ferrotap serve", e))?;
-    let mut serve = Child(serve);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&control).is_err() {
-        if Instant::now() > deadline {
-            return Err(Error::invalid("ferrotap serve did not start"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let run_dir = sim.0.join("run");
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io("create", e).with_path(&run_dir))?;
+    let socket = sim.0.join("xenstored");
+    let _xenstored = start_daemon(
+        &exe,
+        &["xensim".as_ref(), "xenstored".as_ref(), sim.0.as_os_str()],
+        &sim.0.join("xenstored.log"),
+        &socket,
+    )?;
+    let xs = Client::connect(&socket)?;
+    let shim_log = sim.0.join("shim.log");
+    let mut shim_child = start_daemon(
+        &shim,
+        &[
+            "--xensim".as_ref(),
+            sim.0.as_os_str(),
+            "--run-dir".as_ref(),
+            run_dir.as_os_str(),
+            "--ferrotap".as_ref(),
+            exe.as_os_str(),
+        ],
+        &shim_log,
+        &socket,
+    )?;
     println!(
-        "9. ferrotap serve on guest.qcow2 (a new overlay on the chain; pid {}), a simulated guest on xensim ({})",
-        serve.0.id(),
-        sim.0.display()
+        "9. a simulated Xen host ({}): xenstored, blkback-shim (pid {}) watching backend/vbd3",
+        sim.0.display(),
+        shim_child.0.id()
+    );
+    let vbd = Vbd3 {
+        domid: 1,
+        devid: 51712,
+        params: image.display().to_string(),
+        read_only: false,
+        cdrom: false,
+    };
+    toolstack::attach(&xs, &vbd)?;
+    let be = vbd.backend_path();
+    wait_for_node(&xs, &format!("{be}/state"), Some("2"))?;
+    let feature = |key: &str| -> Result<String> {
+        Ok(xs
+            .read_opt(0, &format!("{be}/{key}"))?
+            .unwrap_or_else(|| "-".into()))
+    };
+    println!(
+        "   toolstack wrote {be}; the shim started ferrotap serve on guest.qcow2 and offered (state 2, InitWait):"
+    );
+    println!(
+        "   max-ring-page-order {}, multi-queue-max-queues {}, feature-max-indirect-segments {}, feature-persistent {}, feature-discard {}, feature-flush-cache {}",
+        feature("max-ring-page-order")?,
+        feature("multi-queue-max-queues")?,
+        feature("feature-max-indirect-segments")?,
+        feature("feature-persistent")?,
+        feature("feature-discard")?,
+        feature("feature-flush-cache")?,
     );
     let verify = blkfront(
         &exe,
         &sim.0,
-        &control,
+        vbd.domid,
         &[
             "--workload",
             "verify",
@@ -448,23 +538,26 @@ fn serve_on_xensim(image: &Path) -> Result<()> {
             "4000",
             "--queues",
             "2",
+            "--ring-page-order",
+            "2",
             "--persistent",
         ],
     )?;
     println!(
-        "   verified workload, 2 queues, persistent grants: {} requests ({} reads, {} writes, {} flushes, {} discards), {} MiB checked, {} errors",
+        "   guest 1 connected (2 queues, 4-page rings, persistent grants) and ran a verified workload: {} requests ({} reads, {} writes, {} flushes, {} discards), {} MiB checked, {} errors; sectors {}",
         verify["ops"],
         verify["reads"],
         verify["writes"],
         verify["flushes"],
         verify["discards"],
         verify["verified_bytes"].as_u64().unwrap_or(0) >> 20,
-        verify["errors"]
+        verify["errors"],
+        feature("sectors")?,
     );
     let random = blkfront(
         &exe,
         &sim.0,
-        &control,
+        vbd.domid,
         &[
             "--workload",
             "randread",
@@ -472,19 +565,50 @@ fn serve_on_xensim(image: &Path) -> Result<()> {
             "32",
             "--seconds",
             "2",
+            "--queues",
+            "2",
+            "--ring-page-order",
+            "2",
             "--persistent",
         ],
     )?;
     println!(
-        "   4 KiB random reads at queue depth 32: {:.0} IOPS, p50 {:.0} us, p99 {:.0} us",
+        "   the guest reconnected for 4 KiB random reads at queue depth 32: {:.0} IOPS, p50 {:.0} us, p99 {:.0} us",
         random["iops"].as_f64().unwrap_or(0.0),
         random["p50_us"].as_f64().unwrap_or(0.0),
         random["p99_us"].as_f64().unwrap_or(0.0)
     );
-    let mut stream = std::os::unix::net::UnixStream::connect(&control)
-        .map_err(|e| Error::io("connect to serve", e))?;
-    std::io::Write::write_all(&mut stream, b"{\"op\":\"close\"}\n")
-        .map_err(|e| Error::io("close serve", e))?;
-    let _ = serve.0.wait();
+    let closed = toolstack::detach(&xs, vbd.domid, vbd.devid, Duration::from_secs(20))?;
+    wait_for_serve_exit(&run_dir)?;
+    println!(
+        "   toolstack detached the disk ({}); the shim stopped its serve; nodes removed",
+        if closed {
+            "backend Closed"
+        } else {
+            "backend did not close in time"
+        }
+    );
+    let _ = shim_child.0.kill();
+    let _ = shim_child.0.wait();
     Ok(())
+}
+
+/// Wait (bounded) until no serve control socket is left in the shim's run directory.
+fn wait_for_serve_exit(run_dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = std::fs::read_dir(run_dir)
+            .map_err(|e| Error::io("list", e).with_path(run_dir))?
+            .filter_map(|entry| entry.ok())
+            .any(|entry| entry.file_name().to_string_lossy().ends_with(".sock"));
+        if !left {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::invalid(
+                "the shim left its serve running after detach",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -18,6 +18,7 @@ pub mod img;
 pub mod nbd;
 pub mod serve;
 mod sys;
+pub mod toolstack;
 pub mod xen;
 pub mod xensim;
 pub mod xenstore;

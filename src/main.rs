@@ -12,6 +12,7 @@ use ferrotap::demo::{self, DemoArgs};
 use ferrotap::img::{self, ImgCommand};
 use ferrotap::nbd::{self, NbdArgs};
 use ferrotap::serve::{self, ServeArgs};
+use ferrotap::toolstack::{self, VbdCommand};
 use ferrotap::xensim::{self, XensimCommand};
 
 #[derive(Debug, Parser)]
@@ -41,6 +42,11 @@ enum Command {
     Ctl(CtlArgs),
     /// Run a self-contained tour of the image layer in a temporary directory.
     Demo(DemoArgs),
+    /// Give a guest a vbd3 disk by hand (the toolstack's xenstore writes), or take it away.
+    Vbd {
+        #[command(subcommand)]
+        command: VbdCommand,
+    },
     /// Simulated Xen guests on a xensim host (tests and the ring benchmark).
     Xensim {
         #[command(subcommand)]
@@ -55,6 +61,13 @@ fn main() -> ExitCode {
         Command::Xensim { command } => xensim::run(command),
         Command::Ctl(args) => ctl::run(args),
         Command::Serve(args) => match serve::run(args) {
+            Ok(()) => 0,
+            Err(err) => {
+                img::report_error(&err);
+                1
+            }
+        },
+        Command::Vbd { command } => match toolstack::run(command) {
             Ok(()) => 0,
             Err(err) => {
                 img::report_error(&err);

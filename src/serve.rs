@@ -15,6 +15,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::blkif::{Protocol, MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST};
 use crate::ctl::registry;
@@ -301,6 +303,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let listener = UnixListener::bind(&args.control)
         .map_err(|e| Error::io("bind control socket", e).with_path(&args.control))?;
     vbd.update_registry();
+    close_on_signals(args.control.clone())?;
     eprintln!(
         "ferrotap serve: {} ({sectors} sectors, engine {engine:?}) on {}",
         args.image.display(),
@@ -337,6 +340,26 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&args.control);
     result
+}
+
+/// SIGTERM and SIGINT close the serve as a `close` request does (the queues drain, the stats
+/// files, registry entry and socket go), so a service manager's stop leaves nothing behind.
+fn close_on_signals(control: PathBuf) -> Result<()> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("install signal handlers", e))?;
+    std::thread::Builder::new()
+        .name("ferrotap-signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                if let Ok(mut stream) = UnixStream::connect(&control) {
+                    let _ = stream.write_all(b"{\"op\":\"close\"}\n");
+                    let mut reply = String::new();
+                    let _ = BufReader::new(stream).read_line(&mut reply);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::io("spawn signal thread", e))
 }
 
 /// Answer requests on one control connection; true when one of them was `close`.

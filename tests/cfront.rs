@@ -291,6 +291,8 @@ impl Serve {
             .arg("--control")
             .arg(&control)
             .args(extra)
+            // The registry entry (ferrotap ctl) stays out of /run.
+            .env("FERROTAP_RUN_DIR", dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -4,7 +4,8 @@
 //! image files. Pause mid-workload (the guest sees a delay and no error; nothing in flight
 //! and the image closed while paused), unpause onto a snapshot overlay made while paused,
 //! resize while connected, stats against the workload's own counts, the xcp-rrdd stats
-//! files, watch events and the registry behind `ctl list`, `--pid` and `--vbd`.
+//! files, watch events (a broken ring among them) and the registry behind `ctl list`,
+//! `--pid` and `--vbd`.
 
 mod common;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::host::{ferrotap, Serve, SimHost};
 use common::run_ok;
+use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
 use serde_json::{json, Value};
 
 const DISK_MIB: u64 = 64;
@@ -338,6 +340,7 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
             "11",
             "--queues",
             "2",
+            "--persistent",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -366,6 +369,8 @@ fn pause_mid_workload_then_unpause_onto_a_snapshot() {
         assert_eq!(queue["in_flight"], json!(0), "{stats}");
     }
     let taken = n(&stats["totals"]["requests"]);
+    // The guest's persistent grants stay mapped across the pause (only the image closes).
+    assert!(n(&stats["totals"]["persistent_grants"]) > 0, "{stats}");
     assert!(
         !open_files(pid).contains(&base),
         "the image is still open while paused: {:?}",
@@ -485,15 +490,13 @@ fn stats_match_the_workload_and_ctl_finds_the_serve() {
         .unwrap_or_else(|| panic!("serve {pid} not in the list:\n{table}"));
     assert!(line.contains("idle") && line.contains(&*serve.control.to_string_lossy()));
 
-    // Pause while not connected closes the image; unpause reopens it.
+    // Pause while not connected closes the image; a frontend that connects then is
+    // served nothing until unpause reopens it.
     let pid_arg = pid.to_string();
     dirs.ctl_json(&["--pid", &pid_arg, "pause"]);
     assert!(!open_files(pid).contains(&image));
     let info = dirs.ctl_json(&["--pid", &pid_arg, "info"]);
     assert_eq!(info["paused"], json!(true), "{info}");
-    let unpaused = dirs.ctl_json(&["--pid", &pid_arg, "unpause"]);
-    assert_eq!(unpaused["image"], json!(image), "{unpaused}");
-    assert!(open_files(pid).contains(&image));
 
     let front = spawn_blkfront(
         &host,
@@ -509,6 +512,23 @@ fn stats_match_the_workload_and_ctl_finds_the_serve() {
             "2",
         ],
     );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serve.ctl(&json!({"op": "info"}))["connected"] != json!(true) {
+        assert!(Instant::now() < deadline, "the frontend never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = serve.ctl(&json!({"op": "stats"}));
+    assert_eq!(
+        stats["totals"]["requests"],
+        json!(0),
+        "served while paused: {stats}"
+    );
+    assert!(!open_files(pid).contains(&image));
+    let unpaused = dirs.ctl_json(&["--pid", &pid_arg, "unpause"]);
+    assert_eq!(unpaused["image"], json!(image), "{unpaused}");
+    assert!(open_files(pid).contains(&image));
+
     let report = finish_blkfront(front);
     assert_eq!(report["errors"], json!(0), "{report}");
     // After the frontend went, stats are the last connection's.
@@ -652,4 +672,80 @@ fn resize_while_connected() {
     assert_eq!(info["virtual-size"], json!(128u64 << 20), "{info}");
     qemu_img_check(&image);
     check_model(&image, &model);
+}
+
+#[test]
+fn a_frontend_breaking_its_ring_is_a_failed_event() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
+    let host = SimHost::new();
+    let dirs = Dirs::new();
+    let serve = dirs.serve(&host, &image, &[]);
+    let (mut watch, _) = Watch::open(&serve);
+    let mut config = FrontConfig::new(host.path().to_path_buf(), serve.control.clone());
+    config.queues = 1;
+    let mut front = Blkfront::connect(&config).unwrap();
+    // req_prod jumps past the ring.
+    {
+        let queue = front.queue_mut(0);
+        let header = queue.header();
+        let size = queue.ring_size();
+        header.set_req_prod(header.rsp_prod().wrapping_add(size + 5));
+        queue.notify().unwrap();
+    }
+    let event = watch.next();
+    assert_eq!(event["event"], json!("failed"), "{event}");
+    let error = event["error"].as_str().unwrap();
+    assert!(error.contains("queue 0"), "{event}");
+    assert_eq!(serve.ctl(&json!({"op": "info"}))["error"], json!(error));
+    assert_eq!(serve.ctl(&json!({"op": "disconnect"}))["ok"], json!(true));
+    assert_eq!(watch.next(), json!({"event": "disconnected"}));
+    drop(front);
+    serve.close();
+    watch.assert_ends();
+}
+
+#[test]
+fn sigterm_closes_like_close() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
+    let host = SimHost::new();
+    let dirs = Dirs::new();
+    let mut serve = dirs.serve(&host, &image, &["--devid", "832"]);
+    let pid = serve.pid();
+    let (mut watch, _) = Watch::open(&serve);
+    let front = Blkfront::connect(&FrontConfig::new(
+        host.path().to_path_buf(),
+        serve.control.clone(),
+    ))
+    .unwrap();
+    let shm = dirs.shm.path();
+    assert!(shm.join("vbd3-1-832/statistics").exists());
+    assert_eq!(
+        dirs.ctl_json(&["list", "--json"]).as_array().unwrap().len(),
+        1
+    );
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let status = serve.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "serve after SIGTERM: {status}");
+    assert_eq!(watch.next(), json!({"event": "disconnected"}));
+    watch.assert_ends();
+    assert!(!shm.join("vbd3-1-832").exists());
+    assert!(!shm.join(format!("td3-{pid}")).exists());
+    assert!(!serve.control.exists());
+    assert_eq!(dirs.ctl_json(&["list", "--json"]), json!([]));
+    assert_eq!(
+        std::fs::read_dir(dirs.run.path()).unwrap().count(),
+        0,
+        "the registry entry stayed"
+    );
+    drop(front);
 }

@@ -2,6 +2,8 @@
 //! qemu-io as oracles (and libvhdi's vhdiinfo for VHDs). A missing oracle fails the test:
 //! `.ci/setup` installs them all.
 
+mod common;
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1061,6 +1063,8 @@ fn resize_grows_and_qemu_img_sees_it() {
 
 #[test]
 fn demo_runs_and_its_images_pass_qemu_img() {
+    // The demo's simulated host runs blkback-shim from beside ferrotap.
+    common::shim_binary();
     let scratch = Scratch::new();
     let dir = scratch.path("demo");
     let out = ok(ferrotap().args(["demo", "--size-mib", "16", "--dir", s(&dir)]));

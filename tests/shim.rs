@@ -5,7 +5,7 @@
 //! Disk contents are checked by qemu-img (check, convert) against the guest's model.
 //!
 //! The shim is another package's binary: it is built (`cargo build -p blkback-shim`, a no-op
-//! when fresh) beside this package's `ferrotap` and found there (see [`shim_binary`]).
+//! when fresh) beside this package's `ferrotap` and found there (see `common::shim_binary`).
 
 mod common;
 
@@ -15,12 +15,12 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::host::{ferrotap, SimHost};
-use common::run_ok;
 use common::toolstack::{self, Vbd};
+use common::{run_ok, shim_binary};
 use ferrotap::blkif::MAX_INDIRECT_SEGMENTS;
 use ferrotap::datapath::{DEFAULT_MAX_QUEUES, MAX_RING_PAGE_ORDER};
 use ferrotap::xenstore::Client;
@@ -28,34 +28,6 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 const XVDA: u32 = 51712;
-
-/// target/<profile>/ferrotap-shim, built once per test run so it is never stale.
-fn shim_binary() -> &'static Path {
-    static SHIM: OnceLock<PathBuf> = OnceLock::new();
-    SHIM.get_or_init(|| {
-        let ferrotap = PathBuf::from(env!("CARGO_BIN_EXE_ferrotap"));
-        let profile_dir = ferrotap.parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "blkback-shim",
-                "--bin",
-                "ferrotap-shim",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        run_ok(&mut build);
-        let shim = profile_dir.join("ferrotap-shim");
-        assert!(shim.is_file(), "{} was not built", shim.display());
-        shim
-    })
-}
 
 /// A process killed when the test ends; its stderr goes to `log`, shown if the test fails.
 struct Daemon {
@@ -150,7 +122,10 @@ impl Host {
                 .arg("--run-dir")
                 .arg(&self.run_dir)
                 .arg("--ferrotap")
-                .arg(env!("CARGO_BIN_EXE_ferrotap")),
+                .arg(env!("CARGO_BIN_EXE_ferrotap"))
+                // The serves' stats files (vbd3-<domid>-<devid>) stay on this host: tests
+                // running at once use the same device names.
+                .env("FERROTAP_SHM_DIR", self.dir()),
             self.dir().join(log_name),
         )
     }
@@ -373,7 +348,9 @@ fn handshake_and_verified_io_through_the_shim_on_qcow2() {
             "2",
             "--persistent",
             "--ops",
-            "3000",
+            "800",
+            "--indirect-segments",
+            "64",
             "--model-out",
             model.to_str().unwrap(),
         ],
@@ -440,6 +417,13 @@ fn handshake_and_verified_io_through_the_shim_on_qcow2() {
     // The toolstack removes the device: the serve closes the image, leaving no socket.
     let socket = host.serve_socket(&vbd);
     assert!(socket.exists());
+    // kthread-pid names the serve (xcp-rrdd finds its stats files through it).
+    let pids = processes_naming(&socket);
+    assert_eq!(
+        host.stock_read(&format!("{be}/kthread-pid")),
+        Some(pids[0].to_string()),
+        "{pids:?}"
+    );
     toolstack::remove(&host.xs, &vbd);
     wait_serve_gone(&socket);
     run_ok(
@@ -485,6 +469,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
 
     // Bad frontends, played with the stock xenstore-write; each fails alone.
     let order = (MAX_RING_PAGE_ORDER + 1).to_string();
+    let long = "x".repeat(3000);
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("event-channel", "5")], "no ring-ref"),
         (
@@ -506,6 +491,11 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
         (
             vec![("ring-ref", "8"), ("event-channel", "seven")],
             "bad event-channel",
+        ),
+        // A value as long as xenstore takes: the error still fits a node.
+        (
+            vec![("ring-ref", "8"), ("event-channel", &long)],
+            "bad event-channel \"xxxx",
         ),
         // Well-formed, but the guest granted nothing: serve refuses to map the ring.
         (
@@ -562,7 +552,7 @@ fn guest_disconnects_and_reconnects() {
     // Three connections: 1 -> 3 -> 4 -> 5 -> 6, then 1 again (a reboot), twice.
     let front = host.blkfront(
         &vbd,
-        &["--reconnect", "2", "--ops", "500", "--ring-page-order", "1"],
+        &["--reconnect", "2", "--ops", "300", "--ring-page-order", "1"],
     );
     let report = report(front);
     assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
@@ -598,15 +588,30 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     let image = raw_image(disk.path(), "c.raw", 16);
     let own_serve = host.sim.serve("own", &image, &[]);
     let attached = Vbd::disk(3, XVDA, own_serve.control.to_str().unwrap());
-    for vbd in [&used, &idle, &attached] {
+    // Likewise through `physical-device-path`, `params` naming the image as XCP-ng's does.
+    let image = raw_image(disk.path(), "d.raw", 16);
+    let pdp_serve = host.sim.serve("pdp", &image, &[]);
+    let by_pdp = Vbd::disk(4, XVDA, image.to_str().unwrap());
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         toolstack::add(&host.xs, vbd);
     }
+    host.stock_write(
+        &by_pdp.backend(),
+        &[("physical-device-path", pdp_serve.control.to_str().unwrap())],
+    );
     let mut shim = host.start_shim("shim.log");
-    for vbd in [&used, &idle, &attached] {
+    for vbd in [&used, &idle, &attached, &by_pdp] {
         host.wait_value(&format!("{}/state", vbd.backend()), "2");
     }
     report(host.blkfront(&used, &["--ops", "300"]));
     report(host.blkfront(&attached, &["--ops", "300"]));
+    report(host.blkfront(&by_pdp, &["--ops", "300"]));
+    let stats = pdp_serve.ctl(&serde_json::json!({"op": "stats"}));
+    assert!(
+        stats["totals"]["requests"].as_u64().unwrap_or(0) >= 300,
+        "{stats}"
+    );
+    assert!(!host.serve_socket(&by_pdp).exists());
 
     toolstack::set_offline(&host.xs, &used);
     wait_serve_gone(&host.serve_socket(&used));
@@ -622,8 +627,13 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["connected"], false, "{info}");
     assert!(!host.serve_socket(&attached).exists());
+    toolstack::set_offline(&host.xs, &by_pdp);
+    host.wait_value(&format!("{}/state", by_pdp.backend()), "6");
+    let info = pdp_serve.ctl(&serde_json::json!({"op": "info"}));
+    assert_eq!(info["connected"], false, "{info}");
     shim.assert_running();
     own_serve.close();
+    pdp_serve.close();
 }
 
 #[test]
@@ -699,4 +709,128 @@ fn a_dying_serve_puts_its_device_in_closing_with_an_error() {
     report(host.blkfront(&other, &["--ops", "200"]));
     shim.assert_running();
     assert!(UnixStream::connect(&socket).is_err());
+}
+
+/// `ferrotap ctl --control SOCK ARGS...`, asserting success; its JSON reply.
+fn ctl(socket: &Path, args: &[&str]) -> Value {
+    let out = run_ok(
+        ferrotap()
+            .arg("ctl")
+            .arg("--control")
+            .arg(socket)
+            .args(args),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn online_resize_reaches_xenstore_and_the_guest() {
+    let host = Host::new();
+    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let vbd = Vbd::disk(
+        1,
+        XVDA,
+        raw_image(disk.path(), "a.raw", 16).to_str().unwrap(),
+    );
+    toolstack::add(&host.xs, &vbd);
+    let mut shim = host.start_shim("shim.log");
+    let be = vbd.backend();
+    let front = host.blkfront(&vbd, &["--seconds", "3"]);
+    host.wait_value(&format!("{be}/state"), "4");
+    assert_eq!(
+        host.stock_read(&format!("{be}/sectors")).as_deref(),
+        Some("32768")
+    );
+    let reply = ctl(&host.serve_socket(&vbd), &["resize", "32M"]);
+    assert_eq!(reply["sectors"], 65536, "{reply}");
+    host.wait_value(&format!("{be}/sectors"), "65536");
+    assert_eq!(
+        host.stock_read(&format!("{be}/state")).as_deref(),
+        Some("4")
+    );
+    // The guest, woken by `state`, read the new size; its I/O went on.
+    let report = report(front);
+    assert_eq!(report["sectors"], 65536, "{report}");
+    assert_eq!(report["resizes"], 1, "{report}");
+    assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        shim.log().contains("resized to 65536 sectors"),
+        "{}",
+        shim.log()
+    );
+    shim.assert_running();
+    assert_eq!(
+        std::fs::metadata(disk.path().join("a.raw")).unwrap().len(),
+        32 << 20
+    );
+}
+
+#[test]
+fn pause_and_unpause_onto_a_snapshot_during_io_through_the_shim() {
+    let host = Host::new();
+    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let base = disk.path().join("base.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("32M"),
+    );
+    let vbd = Vbd::disk(1, XVDA, base.to_str().unwrap());
+    toolstack::add(&host.xs, &vbd);
+    let mut shim = host.start_shim("shim.log");
+    let model = disk.path().join("model.raw");
+    let front = host.blkfront(
+        &vbd,
+        &[
+            "--seconds",
+            "4",
+            "--queues",
+            "2",
+            "--model-out",
+            model.to_str().unwrap(),
+        ],
+    );
+    host.wait_value(&format!("{}/state", vbd.backend()), "4");
+    std::thread::sleep(Duration::from_millis(800));
+    let socket = host.serve_socket(&vbd);
+    ctl(&socket, &["pause"]);
+    // Paused: the chain is closed, so a storage manager may take a snapshot.
+    let snapshot = disk.path().join("snap.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&snapshot),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    ctl(&socket, &["unpause", "--path", snapshot.to_str().unwrap()]);
+    // The guest saw a delay, no error, and every write before and after the snapshot
+    // reads back through the new chain.
+    let report = report(front);
+    assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        host.read(&format!("{}/state", vbd.backend())).as_deref(),
+        Some("6")
+    );
+    // The shim followed both through serve's watch stream.
+    let log = shim.log();
+    assert!(
+        log.contains("serve reports paused") && log.contains("serve reports unpaused"),
+        "{log}"
+    );
+    shim.assert_running();
+    toolstack::set_offline(&host.xs, &vbd);
+    wait_serve_gone(&socket);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&base),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&snapshot),
+    );
+    assert_image_matches_model(&snapshot, "qcow2", &model);
 }

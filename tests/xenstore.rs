@@ -795,3 +795,37 @@ fn a_stale_socket_is_replaced_and_a_live_one_kept() {
     assert_eq!(client.read_opt(0, "/before").unwrap(), None);
     assert_eq!(client.directory(0, "/local/domain").unwrap(), ["0"]);
 }
+
+/// Run in a child process (the environment is per process): `Client::open_default` follows
+/// `$XENSTORED_PATH` as libxenstore does.
+#[test]
+fn open_default_follows_xenstored_path() {
+    if let Some(expected) = std::env::var_os("XS_TEST_OPEN_DEFAULT_EXPECT") {
+        let client = Client::open_default().unwrap();
+        assert_eq!(
+            client.read(0, "/marker").unwrap(),
+            expected.to_str().unwrap()
+        );
+        return;
+    }
+    let xs = Xenstored::start();
+    xs.client().write(0, "/marker", "found").unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "open_default_follows_xenstored_path",
+            "--nocapture",
+        ])
+        .env("XENSTORED_PATH", xs.socket())
+        .env("XS_TEST_OPEN_DEFAULT_EXPECT", "found")
+        .output()
+        .unwrap();
+    assert!(
+        child.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(stdout.contains("1 passed"), "{stdout}");
+}

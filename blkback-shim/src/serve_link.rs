@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 /// How long a spawned serve may take to listen, and a closing one to exit.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a serve may take to answer a request (a disconnect waits for the requests in
+/// flight): past it the serve counts as hung and the request as failed.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Image formats `params` may name as a `format:` prefix (`aio` is blktap's raw).
 const FORMATS: &[(&str, &str)] = &[
@@ -116,7 +119,8 @@ impl ServeLink {
                     log_tail(spec.log)
                 ));
             }
-            if let Ok(client) = ControlClient::connect(spec.control) {
+            if let Ok(mut client) = ControlClient::connect(spec.control) {
+                limit_replies(&mut client);
                 return Ok(ServeLink {
                     control: spec.control.to_path_buf(),
                     client,
@@ -138,7 +142,8 @@ impl ServeLink {
 
     /// Attach to the serve listening on `control`; `owned` when the shim started it.
     pub fn attach(control: &Path, owned: bool) -> Result<ServeLink, String> {
-        let client = ControlClient::connect(control).map_err(|err| err.to_string())?;
+        let mut client = ControlClient::connect(control).map_err(|err| err.to_string())?;
+        limit_replies(&mut client);
         Ok(ServeLink {
             control: control.to_path_buf(),
             client,
@@ -161,6 +166,14 @@ impl ServeLink {
 
     pub fn info(&mut self) -> Result<BackendInfo, String> {
         self.client.info().map_err(|err| err.to_string())
+    }
+
+    /// The serve's process id, as its `info` reports it.
+    pub fn pid(&mut self) -> Option<u64> {
+        self.request(&json!({"op": "info"}))
+            .ok()?
+            .get("pid")
+            .and_then(Value::as_u64)
     }
 
     /// The exit status of a serve this shim started, once it is gone.
@@ -229,6 +242,12 @@ impl ServeLink {
             .spawn(move || follow(stream, &control, tag, &events))
             .map(drop)
             .map_err(|err| format!("spawn a watch thread: {err}"))
+    }
+}
+
+fn limit_replies(client: &mut ControlClient) {
+    if let Err(err) = client.set_timeout(Some(REPLY_TIMEOUT)) {
+        crate::warn!("{err}; replies are awaited without a limit");
     }
 }
 

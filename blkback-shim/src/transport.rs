@@ -51,11 +51,23 @@ impl Transport {
     }
 }
 
+/// The longest part of a frontend's value quoted in an error: a guest controls it, and the
+/// message must fit a xenstore write.
+const QUOTED_MAX: usize = 32;
+
+/// `value` for a message, cut short when long.
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(QUOTED_MAX) {
+        Some((end, _)) => format!("{:?}...", &value[..end]),
+        None => format!("{value:?}"),
+    }
+}
+
 fn number(key: &str, value: &str) -> Result<u32, String> {
     value
         .trim()
         .parse::<u32>()
-        .map_err(|_| format!("bad {key} {value:?}: not a number"))
+        .map_err(|_| format!("bad {key} {}: not a number", quoted(value)))
 }
 
 /// Read the transport of the frontend through `read` (a key relative to the frontend's
@@ -64,8 +76,13 @@ pub fn read_transport(
     read: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
     offer: &Offer,
 ) -> Result<Transport, String> {
-    let protocol = Protocol::from_xenstore(read("protocol")?.as_deref().map(str::trim))
-        .map_err(|err| err.to_string())?;
+    let protocol = read("protocol")?;
+    let protocol = Protocol::from_xenstore(protocol.as_deref().map(str::trim)).map_err(|_| {
+        format!(
+            "unknown blkif protocol {} (x86_64-abi or x86_32-abi)",
+            quoted(protocol.as_deref().unwrap_or_default())
+        )
+    })?;
     let queue_count = match read("multi-queue-num-queues")? {
         None => 1,
         Some(value) => number("multi-queue-num-queues", &value)?,
@@ -195,6 +212,17 @@ mod tests {
         assert_eq!(transport.queues[1].ring_refs, vec![20, 30]);
         assert_eq!(transport.queues[1].event_channel, 2);
         assert!(transport.persistent);
+    }
+
+    #[test]
+    fn long_values_are_quoted_short() {
+        let long = "9".repeat(5000);
+        let err = parse(&[("ring-ref", &long), ("event-channel", "3")]).unwrap_err();
+        assert!(err.len() < 100, "{err}");
+        assert!(err.starts_with("bad ring-ref \"999"), "{err}");
+        let err = parse(&[("protocol", &"é".repeat(3000))]).unwrap_err();
+        assert!(err.len() < 150, "{err}");
+        assert_eq!(quoted("x86"), "\"x86\"");
     }
 
     #[test]

@@ -40,6 +40,9 @@ mod state {
 const VDISK_CDROM: u32 = 1;
 const VDISK_READONLY: u32 = 4;
 
+/// The most characters of a message written to `BE/error`.
+const ERROR_MAX: usize = 1024;
+
 /// Attempts at a transaction that keeps meeting EAGAIN.
 const TRANSACTION_ATTEMPTS: u32 = 32;
 
@@ -545,6 +548,8 @@ impl Shim {
                 return;
             }
         };
+        // Where xcp-rrdd finds the process whose stats files to read (tapback does the same).
+        let pid = serve.pid();
         let mut bits = 0;
         if cdrom {
             bits |= VDISK_CDROM;
@@ -557,18 +562,19 @@ impl Shim {
         } else {
             info.physical_sector_size
         };
-        let written = self.transact(
-            &backend_path(key),
-            &[
-                ("sectors", Some(info.sectors.to_string())),
-                ("sector-size", Some(info.sector_size.to_string())),
-                ("physical-sector-size", Some(physical.to_string())),
-                ("info", Some(bits.to_string())),
-                // An error of an earlier attempt no longer holds.
-                ("error", None),
-                ("state", Some(state::CONNECTED.to_string())),
-            ],
-        );
+        let mut writes = vec![
+            ("sectors", Some(info.sectors.to_string())),
+            ("sector-size", Some(info.sector_size.to_string())),
+            ("physical-sector-size", Some(physical.to_string())),
+            ("info", Some(bits.to_string())),
+            // An error of an earlier attempt no longer holds.
+            ("error", None),
+        ];
+        if let Some(pid) = pid {
+            writes.push(("kthread-pid", Some(pid.to_string())));
+        }
+        writes.push(("state", Some(state::CONNECTED.to_string())));
+        let written = self.transact(&backend_path(key), &writes);
         match written {
             Ok(()) => {
                 self.set_phase(key, Phase::Connected);
@@ -593,6 +599,11 @@ impl Shim {
     /// An error for the toolstack: `BE/error`, state Closing, and the log.
     fn fail(&mut self, key: Key, message: &str) {
         error!("{}: {message}", name(key));
+        // Whatever it quotes, the node must fit one xenstore write.
+        let message = match message.char_indices().nth(ERROR_MAX) {
+            Some((end, _)) => &message[..end],
+            None => message,
+        };
         // The machine moves again when the frontend does, from the state it is in now.
         let frontend_state = self
             .vbds

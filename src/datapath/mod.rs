@@ -475,17 +475,27 @@ impl Device {
     /// Finish every request in flight, take no new ones (they wait on the ring: the guest
     /// sees a delay), then flush and close the chain. Returns once nothing holds its files.
     pub fn pause(&mut self) -> Result<()> {
-        let Some(image) = self.image.as_ref() else {
+        let Some(image) = self.image.clone() else {
             return Ok(());
         };
         if let Some(connection) = &self.connection {
             connection.quiesce()?;
+        }
+        // Nothing in flight now; on any failure below, serve on as before.
+        let restore = |device: &mut Device, image: Arc<Image>, err: Error| {
+            if let Some(connection) = &device.connection {
+                connection.resume(&image, device.sectors);
+            }
+            device.image = Some(image);
+            Err(err)
+        };
+        if let Err(err) = image.flush() {
+            return restore(self, image, err);
+        }
+        if let Some(connection) = &self.connection {
             connection.shared.image.lock().image = None;
         }
-        image.flush()?;
-        let Some(image) = self.image.take() else {
-            return Ok(());
-        };
+        self.image = None;
         // The queues dropped their references before counting themselves paused, and
         // their workers' jobs (which hold the image too) were all collected by then.
         match Arc::try_unwrap(image) {
@@ -493,12 +503,11 @@ impl Device {
                 drop(image);
                 Ok(())
             }
-            Err(image) => {
-                self.image = Some(image);
-                Err(Error::invalid(
-                    "the image is still referenced after the queues paused; not closed",
-                ))
-            }
+            Err(image) => restore(
+                self,
+                image,
+                Error::invalid("the image is still referenced after the queues paused"),
+            ),
         }
     }
 
@@ -697,5 +706,60 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         let _ = self.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_log2_microseconds() {
+        let histogram = LatencyHistogram::default();
+        for (micros, bucket) in [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (3, 2),
+            (1023, 10),
+            (1024, 11),
+            (1 << 29, 30),
+            ((1 << 30) - 1, 30),
+            (1 << 30, 31),
+            (u64::MAX / 4, 31),
+        ] {
+            let before = histogram.snapshot().buckets[bucket];
+            histogram.record(micros);
+            assert_eq!(
+                histogram.snapshot().buckets[bucket],
+                before + 1,
+                "{micros} us"
+            );
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 10);
+        assert_eq!(snapshot.buckets.iter().sum::<u64>(), 10);
+        assert_eq!(snapshot.max_us, u64::MAX / 4);
+    }
+
+    #[test]
+    fn totals_sum_queues_and_keep_the_largest_maximum() {
+        let (a, b) = (QueueStats::default(), QueueStats::default());
+        a.requests.store(3, Ordering::Relaxed);
+        b.requests.store(4, Ordering::Relaxed);
+        a.latency[0].record(10);
+        b.latency[0].record(700);
+        b.latency[3].record(5);
+        let total = QueueStatsSnapshot::total(&[a.snapshot(), b.snapshot()]);
+        assert_eq!(total.requests, 7);
+        assert_eq!(total.latency.read.count, 2);
+        assert_eq!(total.latency.read.sum_us, 710);
+        assert_eq!(total.latency.read.max_us, 700);
+        assert_eq!(
+            total.latency.read.buckets[4] + total.latency.read.buckets[10],
+            2
+        );
+        assert_eq!(total.latency.discard.count, 1);
+        assert_eq!(total.latency.write.count, 0);
     }
 }

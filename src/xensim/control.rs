@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,6 +78,16 @@ impl ControlClient {
             reader: BufReader::new(reader),
             writer,
         })
+    }
+
+    /// Give up on a reply (or a send) after `timeout` (None: wait for ever, the default): a
+    /// daemon talking to many serves must not hang on one that stopped answering.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        // The reader is a clone of the same socket: the timeouts are the socket's.
+        self.writer
+            .set_read_timeout(timeout)
+            .and_then(|()| self.writer.set_write_timeout(timeout))
+            .map_err(|err| Error::io("set socket timeouts", err).with_path(&self.path))
     }
 
     /// Send one request line, read one reply line; an `"ok":false` reply is an error

@@ -77,10 +77,6 @@ impl XenbusFront {
         })
     }
 
-    pub fn backend_path(&self) -> &str {
-        &self.backend
-    }
-
     /// The backend's size in sectors as last read, and how often it changed while connected.
     pub fn size_observer(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
         (Arc::clone(&self.sectors), Arc::clone(&self.resizes))

@@ -40,7 +40,7 @@ use crate::xenstore::wire::{
 /// Nodes in the tree (the root included).
 pub const MAX_NODES: usize = 65_536;
 /// Accounted bytes in the tree: names, values, permissions and [`NODE_OVERHEAD`] per node.
-pub const MAX_BYTES: usize = 64 << 20;
+pub const MAX_BYTES: usize = 16 << 20;
 /// What a node costs beyond its strings, for [`MAX_BYTES`].
 const NODE_OVERHEAD: usize = 64;
 pub const MAX_CONNECTIONS: usize = 256;
@@ -156,7 +156,8 @@ type ConnId = u64;
 struct Outbox {
     state: Mutex<OutboxState>,
     ready: Condvar,
-    stream: UnixStream,
+    /// Shut down when the client is dropped for not reading (none for [`Offline`]).
+    stream: Option<UnixStream>,
 }
 
 struct OutboxState {
@@ -174,7 +175,9 @@ impl Outbox {
         if state.bytes + message.len() > OUTBOX_MAX {
             // A client that does not read its replies and events is dropped, not buffered for.
             state.closed = true;
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            if let Some(stream) = &self.stream {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
         } else {
             state.bytes += message.len();
             state.queue.push_back(message);
@@ -211,16 +214,22 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    fn new(stream: Option<UnixStream>) -> Outbox {
+        Outbox {
+            state: Mutex::new(OutboxState {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            stream,
+        }
+    }
+}
+
 fn serve_connection(store: &Mutex<Store>, stream: UnixStream, id: ConnId) -> io::Result<()> {
-    let outbox = Arc::new(Outbox {
-        state: Mutex::new(OutboxState {
-            queue: VecDeque::new(),
-            bytes: 0,
-            closed: false,
-        }),
-        ready: Condvar::new(),
-        stream: stream.try_clone()?,
-    });
+    let outbox = Arc::new(Outbox::new(Some(stream.try_clone()?)));
     let writer_stream = stream.try_clone()?;
     let writer_outbox = Arc::clone(&outbox);
     let writer = thread::Builder::new()
@@ -774,7 +783,10 @@ impl Store {
                     return Err(Errno::EINVAL);
                 }
                 let mine = self.watches.iter().filter(|w| w.conn == conn);
-                if mine.clone().any(|w| w.path == path && w.token == token) {
+                if mine
+                    .clone()
+                    .any(|w| w.canonical == canonical && w.token == token)
+                {
                     return Err(Errno::EEXIST);
                 }
                 if mine.count() >= MAX_WATCHES_PER_CONN {
@@ -791,9 +803,10 @@ impl Store {
                 Ok(b"OK\0".to_vec())
             }
             Request::Unwatch { path, token } => {
+                let canonical = canonical_watch_path(path)?;
                 let before = self.watches.len();
                 self.watches
-                    .retain(|w| !(w.conn == conn && w.path == path && w.token == token));
+                    .retain(|w| !(w.conn == conn && w.canonical == canonical && w.token == token));
                 if self.watches.len() == before {
                     return Err(Errno::ENOENT);
                 }
@@ -886,4 +899,168 @@ fn directory_part(node: &Node, offset: usize) -> Vec<u8> {
         reply.push(0);
     }
     reply
+}
+
+/// The server without sockets, for the fuzzer and unit tests: raw requests go in on numbered
+/// connections, and what each connection was sent (replies and events) comes out.
+pub struct Offline {
+    store: Store,
+    outboxes: Vec<Arc<Outbox>>,
+}
+
+impl Offline {
+    pub fn new(connections: usize) -> Offline {
+        let mut store = Store::new();
+        let mut outboxes = Vec::new();
+        for id in 0..connections {
+            let outbox = Arc::new(Outbox::new(None));
+            store.connections.insert(id as ConnId, Arc::clone(&outbox));
+            outboxes.push(outbox);
+        }
+        Offline { store, outboxes }
+    }
+
+    /// Handle one request on connection `conn` (the payload at most 4096 bytes, as the
+    /// socket reader guarantees; longer ones are refused here as there).
+    pub fn request(&mut self, conn: usize, header: &Header, payload: &[u8]) {
+        if payload.len() <= PAYLOAD_MAX && conn < self.outboxes.len() {
+            self.store.handle(conn as ConnId, header, payload);
+        }
+    }
+
+    /// Connection `conn` goes away: its watches and transactions with it.
+    pub fn disconnect(&mut self, conn: usize) {
+        self.store.forget_watches_and_transactions(conn as ConnId);
+    }
+
+    /// Messages sent to connection `conn` since the last call, each header and payload.
+    pub fn take_output(&mut self, conn: usize) -> Vec<Vec<u8>> {
+        match self.outboxes.get(conn) {
+            Some(outbox) => {
+                let mut state = outbox.state.lock();
+                state.bytes = 0;
+                state.queue.drain(..).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Recount the live tree and compare with its accounting (nodes, bytes, limits): the
+    /// fuzzer's invariant.
+    pub fn check_accounting(&self) -> std::result::Result<(), String> {
+        let tree = &self.store.tree;
+        let (nodes, bytes) = subtree_size("", &tree.root);
+        if (nodes, bytes) != (tree.nodes, tree.bytes) {
+            return Err(format!(
+                "accounted {} nodes / {} bytes, counted {nodes} / {bytes}",
+                tree.nodes, tree.bytes
+            ));
+        }
+        if nodes > MAX_NODES || bytes > MAX_BYTES {
+            return Err(format!("{nodes} nodes / {bytes} bytes exceed the limits"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(server: &mut Offline, path: &str, value: &[u8]) -> Vec<u8> {
+        let payload = [path.as_bytes(), b"\0", value].concat();
+        let header = Header {
+            msg_type: MsgType::Write as u32,
+            req_id: 1,
+            tx_id: 0,
+            len: payload.len() as u32,
+        };
+        server.request(0, &header, &payload);
+        let mut output = server.take_output(0);
+        assert_eq!(output.len(), 1);
+        output.pop().unwrap().split_off(wire::HEADER_LEN)
+    }
+
+    #[test]
+    fn the_node_limit_gives_enospc_and_removal_frees() {
+        let mut server = Offline::new(1);
+        let mut written = 0;
+        loop {
+            let reply = write(&mut server, &format!("/n/{written}"), b"");
+            if reply == b"ENOSPC\0" {
+                break;
+            }
+            assert_eq!(reply, b"OK\0");
+            written += 1;
+        }
+        // The root, /local, /local/domain, /local/domain/0 and /n exist besides.
+        assert_eq!(written, MAX_NODES - 5);
+        server.check_accounting().unwrap();
+        let payload = b"/n\0";
+        let header = Header {
+            msg_type: MsgType::Rm as u32,
+            req_id: 2,
+            tx_id: 0,
+            len: 3,
+        };
+        server.request(0, &header, payload);
+        server.take_output(0);
+        server.check_accounting().unwrap();
+        assert_eq!(server.store.tree.nodes, 4);
+        assert_eq!(write(&mut server, "/again", b"x"), b"OK\0");
+    }
+
+    fn request(server: &mut Offline, msg_type: MsgType, tx_id: u32, payload: &[u8]) -> Vec<u8> {
+        let header = Header {
+            msg_type: msg_type as u32,
+            req_id: 7,
+            tx_id,
+            len: payload.len() as u32,
+        };
+        server.request(0, &header, payload);
+        let mut output = server.take_output(0);
+        output.remove(0).split_off(wire::HEADER_LEN)
+    }
+
+    #[test]
+    fn the_deepest_paths_are_written_snapshotted_and_removed() {
+        // 1,535 levels: the longest absolute path xenstored allows. Removing it drops the
+        // nested nodes recursively, here on a test thread's smaller stack than the 8 MiB of
+        // a connection thread.
+        let deep = "/a".repeat(wire::ABS_PATH_MAX / 2 - 1) + "/z";
+        assert!(deep.len() <= wire::ABS_PATH_MAX);
+        let mut server = Offline::new(1);
+        assert_eq!(write(&mut server, &deep, b"bottom"), b"OK\0");
+        let tx = request(&mut server, MsgType::TransactionStart, 0, b"\0");
+        let tx: u32 = std::str::from_utf8(&tx[..tx.len() - 1])
+            .unwrap()
+            .parse()
+            .unwrap();
+        let rm = [b"/a".as_slice(), b"\0"].concat();
+        assert_eq!(request(&mut server, MsgType::Rm, tx, &rm), b"OK\0");
+        // Written below the removed subtree meanwhile: the removal conflicts.
+        assert_eq!(write(&mut server, &deep, b"changed"), b"OK\0");
+        let end = request(&mut server, MsgType::TransactionEnd, tx, b"T\0");
+        assert_eq!(end, b"EAGAIN\0");
+        let read = [deep.as_bytes(), b"\0"].concat();
+        assert_eq!(request(&mut server, MsgType::Read, 0, &read), b"changed");
+        assert_eq!(request(&mut server, MsgType::Rm, 0, &rm), b"OK\0");
+        server.check_accounting().unwrap();
+        assert_eq!(server.store.tree.nodes, 4);
+    }
+
+    #[test]
+    fn the_byte_limit_gives_enospc() {
+        let mut server = Offline::new(1);
+        let value = vec![b'v'; 4000];
+        let mut written = 0usize;
+        while write(&mut server, &format!("/b/{written}"), &value) == b"OK\0" {
+            written += 1;
+        }
+        assert!(written * 4000 <= MAX_BYTES && (written + 2) * 4100 > MAX_BYTES);
+        server.check_accounting().unwrap();
+        // Shrinking a value is always allowed.
+        assert_eq!(write(&mut server, "/b/0", b"small"), b"OK\0");
+        server.check_accounting().unwrap();
+    }
 }

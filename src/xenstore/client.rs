@@ -116,7 +116,12 @@ fn xenstore_error(op: MsgType, path: &str, name: &[u8]) -> Error {
             String::from_utf8_lossy(name)
         )),
     };
-    Error::io(&format!("xenstore {} {path}", op.name()), source)
+    let what = if path.is_empty() {
+        format!("xenstore {}", op.name())
+    } else {
+        format!("xenstore {} {path}", op.name())
+    };
+    Error::io(&what, source)
 }
 
 fn local_error(op: MsgType, path: &str, errno: Errno) -> Error {
@@ -223,11 +228,19 @@ impl Client {
             self.transport.write_all(&message)
         };
         if let Err(err) = written {
-            // Part of a message may be on the wire: the stream is unusable from here on.
-            self.shared.die(format!("write failed: {err}"));
-            self.shutdown();
             self.shared.state.lock().pending.remove(&req_id);
-            return Err(Error::io("xenstore write", err).with_path(&self.origin));
+            // The xenbus device refuses a message type it does not pass on with EINVAL and
+            // forgets the message: only that request failed. Otherwise part of a message may
+            // be on the wire and the stream is unusable from here on.
+            let refused = matches!(self.transport, Transport::Device(_))
+                && err.raw_os_error() == Some(libc::EINVAL);
+            if !refused {
+                self.shared.die(format!("write failed: {err}"));
+                self.shutdown();
+            }
+            return Err(
+                Error::io(&format!("xenstore {} write", op.name()), err).with_path(&self.origin)
+            );
         }
         let reply = {
             let mut state = self.shared.state.lock();

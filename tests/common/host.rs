@@ -44,6 +44,9 @@ impl SimHost {
             .arg("--control")
             .arg(&control)
             .args(extra)
+            // Keep the registry entry (ferrotap ctl) out of /run: a serve killed by a
+            // failing test would leave it there.
+            .env("FERROTAP_RUN_DIR", self.path())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

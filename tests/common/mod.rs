@@ -7,8 +7,9 @@ pub mod blkif;
 pub mod host;
 pub mod toolstack;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions};
 
@@ -51,4 +52,32 @@ pub fn create_vhd(path: &Path, size: u64, opts: &[(&str, &str)], parent: Option<
         .with_options(opts)
         .with_backing(backing);
     image::create(path, Format::Vhd, options).unwrap();
+}
+
+/// target/<profile>/ferrotap-shim, built once per test run so it is never stale.
+pub fn shim_binary() -> &'static Path {
+    static SHIM: OnceLock<PathBuf> = OnceLock::new();
+    SHIM.get_or_init(|| {
+        let ferrotap = PathBuf::from(env!("CARGO_BIN_EXE_ferrotap"));
+        let profile_dir = ferrotap.parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "blkback-shim",
+                "--bin",
+                "ferrotap-shim",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        run_ok(&mut build);
+        let shim = profile_dir.join("ferrotap-shim");
+        assert!(shim.is_file(), "{} was not built", shim.display());
+        shim
+    })
 }

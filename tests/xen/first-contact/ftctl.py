@@ -1,16 +1,14 @@
 #!/usr/bin/python3
 """dom0 helpers of the first-contact test.
 
-ftctl.py call SOCK JSON            send one request to `ferrotap serve`'s control socket,
-                                   print the reply; exit 1 when it is not ok
-ftctl.py check-stats OUTDIR MODE   judge OUTDIR/stats.json (serve's stats just before the
-                                   disconnect) against OUTDIR/negotiated.json and the guest's
+ftctl.py check-stats OUTDIR MODE   judge OUTDIR/stats.json (`ferrotap ctl stats` after the
+                                   disconnect) against OUTDIR/info.json (`ferrotap ctl info`
+                                   while connected: its "frontend") and the guest's
                                    workload (MODE: ftcheck's guest or readonly); prints
                                    "STATS: ..." lines, exit 1 on a failure
 """
 import json
 import os
-import socket
 import sys
 
 # What ftcheck's guest mode moves at least (bytes): written regions + the 8 MiB from the
@@ -22,22 +20,16 @@ MIN_READ = MIN_WRITTEN + (1 << 20) + (1 << 20) + 4096
 MIN_READ_RO = MIN_WRITTEN + (1 << 20) + 4096
 
 
-def call(sock_path, request):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(sock_path)
-        s.sendall((request.strip() + "\n").encode())
-        return json.loads(s.makefile("r").readline())
-
-
 def check_stats(outdir, mode):
     failures = []
-    with open(os.path.join(outdir, "negotiated.json")) as f:
-        negotiated = json.load(f)
+    with open(os.path.join(outdir, "info.json")) as f:
+        negotiated = json.load(f)["frontend"]
     with open(os.path.join(outdir, "stats.json")) as f:
         stats = json.load(f)
     queues = stats.get("queues", [])
     for i, q in enumerate(queues):
-        print("STATS: queue %d: %s" % (i, " ".join("%s=%s" % kv for kv in sorted(q.items()))))
+        print("STATS: queue %d: %s" % (i, " ".join("%s=%s" % kv for kv in sorted(q.items())
+                                                     if not isinstance(kv[1], dict))))
 
     def total(key):
         return sum(q.get(key, 0) for q in queues)
@@ -47,8 +39,8 @@ def check_stats(outdir, mode):
           % tuple(total(k) for k in ("requests", "reads", "writes", "flushes", "discards",
                                      "errors", "unsupported", "bytes_read", "bytes_written",
                                      "persistent_grants")))
-    if len(queues) != len(negotiated["queues"]):
-        failures.append("%d queues in stats, %d negotiated" % (len(queues), len(negotiated["queues"])))
+    if len(queues) != negotiated["queues"]:
+        failures.append("%d queues in stats, %d negotiated" % (len(queues), negotiated["queues"]))
     for i, q in enumerate(queues):
         if q.get("requests", 0) == 0:
             failures.append("queue %d served no request" % i)
@@ -81,10 +73,6 @@ def check_stats(outdir, mode):
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "call":
-        reply = call(sys.argv[2], sys.argv[3])
-        print(json.dumps(reply))
-        return 0 if reply.get("ok") else 1
     if len(sys.argv) == 4 and sys.argv[1] == "check-stats":
         return check_stats(sys.argv[2], sys.argv[3])
     print(__doc__, file=sys.stderr)

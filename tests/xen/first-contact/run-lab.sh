@@ -9,17 +9,18 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 XENLAB=${XENLAB:-/work/shared/xenlab/lab.sh}
 
-(cd "$ROOT" && cargo build --release --quiet)
+(cd "$ROOT" && cargo build --release --workspace --quiet)
 EXTRA=$(mktemp -d /var/tmp/ft-first-contact.XXXXXX)
 [ "${KEEP_EXTRA:-0}" = 1 ] || trap 'rm -rf "$EXTRA"' EXIT
 mkdir -p "$EXTRA/domu/bin"
 # Debug info off (18 MB -> a few), symbols kept for backtraces.
 objcopy --strip-debug "$ROOT/target/release/ferrotap" "$EXTRA/ferrotap"
+objcopy --strip-debug "$ROOT/target/release/ferrotap-shim" "$EXTRA/ferrotap-shim"
 gcc -O2 -Wall -Wextra -Werror -static -o "$EXTRA/ftcheck" "$HERE/ftcheck.c"
 cp "$EXTRA/ftcheck" "$EXTRA/domu/bin/ftcheck"
 cp "$HERE/domu/init" "$EXTRA/domu/init"
-cp "$HERE/run.sh" "$HERE/handshake.py" "$HERE/ftctl.py" "$HERE/dom0-packages" "$EXTRA/"
-chmod +x "$EXTRA/domu/init" "$EXTRA/handshake.py" "$EXTRA/ftctl.py"
+cp "$HERE/run.sh" "$HERE/ftctl.py" "$HERE/dom0-packages" "$EXTRA/"
+chmod +x "$EXTRA/domu/init" "$EXTRA/ftctl.py"
 echo "first-contact: LAB_EXTRA=$EXTRA"
 
 set +e

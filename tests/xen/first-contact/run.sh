@@ -1,6 +1,8 @@
 # first-contact: ferrotap serve's linux platform against a real xen-blkfront, in the xenlab.
 # Sourced by the lab's dom0 init (/bin/sh = dash) as the test "extra", from /lab/extra, which
-# holds: ferrotap (release binary), ftcheck (static), handshake.py, ftctl.py, this file.
+# holds: ferrotap and ferrotap-shim (release binaries), ftcheck (static), ftctl.py, this file.
+# blkback-shim runs the XenBus handshake with the guest's real xen-blkfront; each case's
+# serve is started here with the case's options and named in the backend's params.
 # The lab gives T (log line), mkcfg (writes /run/domu.cfg) and wait_domu. No `exit` here: it
 # would end the lab's init. Every case prints "RESULT PASS|FAIL first-contact <case>".
 
@@ -33,39 +35,49 @@ ft_case() {
   T "xl create -p"
   if ! xl create -p /run/domu.cfg; then
     T "RESULT FAIL first-contact $name: xl create failed"
-    python3 $FTX/ftctl.py call $ctl '{"op":"close"}'; wait $ftpid
+    $FTX/ferrotap ctl close --control $ctl; wait $ftpid
     return
   fi
   D=$(xl domid domu1); DEV=51712
   BE=/local/domain/0/backend/vbd3/$D/$DEV; FE=/local/domain/$D/device/vbd/$DEV
-  xenstore-write $BE/frontend $FE $BE/frontend-id $D $BE/online 1 $BE/removable 0 $BE/state 1 \
-     $BE/dev xvda $BE/type vbd3 $BE/mode $vbdmode $BE/device-type disk $BE/params $img
-  xenstore-chmod -r /local/domain/0/backend/vbd3/$D n0 r$D
-  xenstore-write $FE/backend $BE $FE/backend-id 0 $FE/state 1 $FE/virtual-device $DEV $FE/device-type disk
-  xenstore-chmod -r $FE n$D r0
-  python3 $FTX/handshake.py $BE $FE $ctl $out &
-  hspid=$!
-  T "domid $D, handshake pid $hspid; unpause"; xl unpause domu1
+  # The toolstack's part, as `ferrotap vbd attach` writes it; params names this case's serve
+  # (the shim attaches to it rather than starting one, so the case picks serve's options).
+  ro=""; [ $vbdmode = r ] && ro=--read-only
+  $FTX/ferrotap vbd attach --domid $D --vdev xvda --params $ctl $ro || fails="$fails attach"
+  # Record what was negotiated once the shim has connected the rings: xenstore's keys on both
+  # sides and serve's view of the frontend.
+  (
+    i=0
+    while [ "$(xenstore-read $BE/state 2>/dev/null)" != 4 ] && [ $i -lt 1200 ]; do
+      sleep 0.25; i=$((i+1))
+    done
+    xenstore-ls $FE > $out/frontend-keys.txt 2>&1
+    xenstore-ls $BE > $out/backend-keys.txt 2>&1
+    $FTX/ferrotap ctl info --control $ctl > $out/info.json 2>&1
+  ) &
+  recpid=$!
+  T "domid $D, vbd attached; unpause"; xl unpause domu1
   wait_domu 300 > $out/console.log 2>&1
   cat $out/console.log
-  i=0; while kill -0 $hspid 2>/dev/null && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
-  kill -0 $hspid 2>/dev/null && { fails="$fails handshake-hung"; kill $hspid; }
-  wait $hspid; T "handshake exit $? after ${i}s"
+  wait $recpid
+  T "XENSTORE frontend: $(grep -E 'ring-ref|ring-page-order|multi-queue|event-channel|protocol|feature-persistent' $out/frontend-keys.txt | tr -s ' ' | tr '\n' ' ')"
+  T "XENSTORE backend: $(grep -E 'feature-|max-ring|multi-queue|sectors|info|state' $out/backend-keys.txt | tr -s ' ' | tr '\n' ' ')"
+  if python3 -c "import json,sys; sys.exit(0 if json.load(open('$out/info.json')).get('frontend') else 1)" 2>/dev/null; then
+    T "NEGOTIATED $name: $(python3 -c "import json; print(json.dumps(json.load(open('$out/info.json'))['frontend']))")"
+  else
+    fails="$fails no-connect"; cat $out/info.json
+  fi
+  $FTX/ferrotap vbd detach --domid $D --vdev xvda --timeout 60 || fails="$fails detach"
+  $FTX/ferrotap ctl stats --control $ctl > $out/stats.json 2>&1
 
   grep -q '^DOMU: RESULT PASS' $out/console.log || fails="$fails guest"
-  if [ -f $out/negotiated.json ]; then
-    T "NEGOTIATED $name: $(cat $out/negotiated.json)"
-  else
-    fails="$fails no-connect"
-  fi
-  if [ -f $out/stats.json ]; then
+  if [ -s $out/stats.json ]; then
     python3 $FTX/ftctl.py check-stats $out $mode || fails="$fails stats"
   else
     fails="$fails no-stats"
   fi
-  T "serve info after the guest: $(python3 $FTX/ftctl.py call $ctl '{"op":"info"}')"
-  T "serve stats after disconnect: $(python3 $FTX/ftctl.py call $ctl '{"op":"stats"}')"
-  T "close: $(python3 $FTX/ftctl.py call $ctl '{"op":"close"}')"
+  T "serve info after the guest: $($FTX/ferrotap ctl info --control $ctl 2>&1 | tr -d '\n')"
+  T "close: $($FTX/ferrotap ctl close --control $ctl 2>&1 | tr -d '\n')"
   i=0; while kill -0 $ftpid 2>/dev/null && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done
   if kill -0 $ftpid 2>/dev/null; then fails="$fails serve-still-running"; kill $ftpid; fi
   wait $ftpid; rc=$?
@@ -73,7 +85,7 @@ ft_case() {
   [ $rc = 0 ] || fails="$fails serve-exit-$rc"
   left=$(ps -eo pid,comm | grep -c '[f]errotap')
   [ "$left" = 0 ] || { fails="$fails ferrotap-left"; ps -eo pid,args | grep '[f]errotap'; }
-  xenstore-rm /local/domain/0/backend/vbd3/$D
+  [ -z "$(xenstore-ls /local/domain/0/backend/vbd3/$D 2>/dev/null)" ] || { fails="$fails backend-nodes-left"; xenstore-rm /local/domain/0/backend/vbd3/$D; }
   # a grant mapping left behind keeps the dead domain as a zombie: xl list shows it
   sleep 1; xl list
   [ "$(xl list | wc -l)" = 2 ] || fails="$fails domain-left"
@@ -107,6 +119,13 @@ ft_case() {
 }
 
 T "first-contact: $($FTX/ferrotap --version 2>&1)"
+# blkback-shim for the whole run, on the real xenstored; it attaches to each case's serve.
+mkfifo /run/ft-shim.fifo
+sed -u 's/^/SHIM: /' < /run/ft-shim.fifo &
+$FTX/ferrotap-shim --run-dir /run/ferrotap --ferrotap $FTX/ferrotap > /run/ft-shim.fifo 2>&1 &
+shimpid=$!
+sleep 1
+kill -0 $shimpid 2>/dev/null && T "blkback-shim pid $shimpid" || T "RESULT FAIL first-contact: blkback-shim did not start"
 # Persistent grants, 4-page rings, 2 queues, 64-segment indirect requests, io_uring.
 # blkfront keeps a page per grant it may use (ring entries x (segments + indirect pages) per
 # queue): 128 x 65 x 2 pages = 65 MiB here; at order 4 with 256 segments it would want 1 GiB
@@ -138,3 +157,4 @@ rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
 ft_case raw-persistent-order4 /lab/ft-disk.raw raw \
   max_ring_page_order=4,max_queues=2,max_indirect_segments=32 2 512 guest --engine uring
 rm -f /lab/ft-disk.raw
+kill $shimpid 2>/dev/null; wait $shimpid 2>/dev/null
