@@ -1046,3 +1046,73 @@ fn inherited_socket_fd() {
         ],
     );
 }
+
+/// On tmpfs (page cache, one thread taking batches), 1 MiB reads through a qcow2 top into
+/// its raw base: the bytes equal qemu's reading of the chain, with simple replies and with
+/// structured ones (data chunks, DONE by the end).
+#[test]
+fn tmpfs_large_reads_through_a_chain() {
+    let dir = TempDir::new_in("/dev/shm").unwrap();
+    let base = dir.path().join("base.raw");
+    let top = dir.path().join("top.qcow2");
+    let mut bytes = vec![0u8; 16 * MIB as usize];
+    for (i, chunk) in bytes.chunks_mut(4096).enumerate() {
+        chunk.fill((i * 7 % 251) as u8 + 1);
+    }
+    std::fs::write(&base, &bytes).unwrap();
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&top),
+    ]);
+    qemu_io("qcow2", p(&top), &["write -P 0xc4 4M 1M"]);
+    let expected = dir.path().join("expected.raw");
+    qemu_img(&["convert", "-O", "raw", p(&top), p(&expected)]);
+    let server = Server::start(dir.path(), &top, &[]);
+
+    let copied = dir.path().join("copied.raw");
+    run_ok(Command::new("nbdcopy").args(["--request-size=1048576", &server.uri, p(&copied)]));
+    run_ok(Command::new("cmp").args([p(&expected), p(&copied)]));
+    let expected_bytes = std::fs::read(&expected).unwrap();
+
+    // Simple replies: header, then exactly the bytes.
+    let mut client = RawClient::connect(&server.socket);
+    client.go(false);
+    for (handle, offset) in [(1u64, 0u64), (2, 3 * MIB + 4096), (3, 4 * MIB)] {
+        let reply = client.read(handle, offset, MIB as u32);
+        assert_eq!((reply.handle, reply.error), (handle, 0));
+        assert!(reply.payload == expected_bytes[offset as usize..(offset + MIB) as usize]);
+    }
+    // Structured: an OFFSET_DATA chunk (DONE set or not), and DONE by the end.
+    let mut client = RawClient::connect(&server.socket);
+    client.go(true);
+    for (handle, offset) in [(4u64, 8 * MIB), (5, 4 * MIB)] {
+        client.request(0, CMD_READ, handle, offset, MIB as u32);
+        let mut data = Vec::new();
+        loop {
+            let mut header = [0u8; 20];
+            client.stream.read_exact(&mut header).unwrap();
+            assert_eq!(be_u32(&header, 0), STRUCTURED_REPLY_MAGIC);
+            assert_eq!(be_u64(&header, 8), handle);
+            let mut payload = vec![0u8; be_u32(&header, 16) as usize];
+            client.stream.read_exact(&mut payload).unwrap();
+            match be_u16(&header, 6) {
+                REPLY_TYPE_OFFSET_DATA => {
+                    assert_eq!(be_u64(&payload, 0), offset);
+                    data.extend_from_slice(&payload[8..]);
+                }
+                REPLY_TYPE_NONE => assert!(payload.is_empty()),
+                other => panic!("chunk type {other}"),
+            }
+            if be_u16(&header, 4) & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        assert!(data == expected_bytes[offset as usize..(offset + MIB) as usize]);
+    }
+}
