@@ -637,32 +637,56 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
 }
 
 #[test]
-fn a_restarted_shim_adopts_a_running_device() {
+fn a_restarted_shim_adopts_running_devices() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let vbd = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
-    );
-    toolstack::add(&host.xs, &vbd);
+    let vbds = [
+        Vbd::disk(
+            1,
+            XVDA,
+            raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
+        ),
+        Vbd::disk(
+            2,
+            XVDA,
+            raw_image(disk.path(), "b.raw", 32).to_str().unwrap(),
+        ),
+    ];
+    for vbd in &vbds {
+        toolstack::add(&host.xs, vbd);
+    }
     let mut first = host.start_shim("shim1.log");
-    let front = host.blkfront(&vbd, &["--seconds", "4", "--queues", "2"]);
-    host.wait_value(&format!("{}/state", vbd.backend()), "4");
+    let fronts = [
+        host.blkfront(&vbds[0], &["--seconds", "4", "--queues", "2"]),
+        // The 32-bit layout through the shim too.
+        host.blkfront(&vbds[1], &["--seconds", "4", "--protocol", "x86_32-abi"]),
+    ];
+    for vbd in &vbds {
+        host.wait_value(&format!("{}/state", vbd.backend()), "4");
+    }
+    assert_eq!(
+        host.stock_read(&format!("{}/protocol", vbds[1].frontend()))
+            .as_deref(),
+        Some("x86_32-abi")
+    );
     std::thread::sleep(Duration::from_millis(500));
     first.kill();
-    // The device keeps running with no shim at all for a while.
+    // The devices keep running with no shim at all for a while.
     std::thread::sleep(Duration::from_millis(500));
     let second = host.start_shim("shim2.log");
-    wait_until("the new shim to adopt the device", || {
-        second.log().contains("adopted, connected").then_some(())
+    wait_until("the new shim to adopt both devices", || {
+        (second.log().matches("adopted, connected").count() == 2).then_some(())
     });
-    let report = report(front);
-    assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
-    // The new shim follows the guest's close.
-    host.wait_value(&format!("{}/state", vbd.backend()), "6");
-    toolstack::set_offline(&host.xs, &vbd);
-    wait_serve_gone(&host.serve_socket(&vbd));
+    for front in fronts {
+        let report = report(front);
+        assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
+    }
+    // The new shim follows the guests' close, and unplugs.
+    for vbd in &vbds {
+        host.wait_value(&format!("{}/state", vbd.backend()), "6");
+        toolstack::set_offline(&host.xs, vbd);
+        wait_serve_gone(&host.serve_socket(vbd));
+    }
 }
 
 #[test]
