@@ -725,14 +725,23 @@ fn a_dying_serve_puts_its_device_in_closing_with_an_error() {
         .stock_read(&format!("{}/error", vbd.backend()))
         .unwrap();
     assert!(error.contains("exited"), "{error}");
+    assert!(UnixStream::connect(&socket).is_err());
     // The other device is untouched and works.
     assert_eq!(
         host.read(&format!("{}/state", other.backend())).as_deref(),
         Some("2")
     );
     report(host.blkfront(&other, &["--ops", "200"]));
+    // The guest of the dead serve closes and starts over (a reboot): a fresh serve.
+    host.stock_write(&vbd.frontend(), &[("state", "6")]);
+    host.wait_value(&format!("{}/state", vbd.backend()), "6");
+    let front = host.blkfront(&vbd, &["--ops", "200"]);
+    report(front);
+    assert_eq!(processes_naming(&socket).len(), 1);
+    assert!(host
+        .stock_read(&format!("{}/error", vbd.backend()))
+        .is_none());
     shim.assert_running();
-    assert!(UnixStream::connect(&socket).is_err());
 }
 
 /// `ferrotap ctl --control SOCK ARGS...`, asserting success; its JSON reply.
