@@ -443,9 +443,11 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
         XVDA,
         raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
     );
-    // The second one read-only: info says so (VDISK_READONLY) and the guest only reads.
+    // The second one a read-only CD-ROM: info says both (VDISK_CDROM | VDISK_READONLY) and
+    // the guest only reads.
     let read_only = Vbd {
         mode: "r",
+        device_type: "cdrom",
         ..Vbd::disk(
             2,
             XVDA,
@@ -464,7 +466,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
     assert_eq!(
         host.stock_read(&format!("{}/info", read_only.backend()))
             .as_deref(),
-        Some("4")
+        Some("5")
     );
 
     // Bad frontends, played with the stock xenstore-write; each fails alone.
