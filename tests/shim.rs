@@ -443,9 +443,11 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
         XVDA,
         raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
     );
-    // The second one read-only: info says so (VDISK_READONLY) and the guest only reads.
+    // The second one a read-only CD-ROM: info says both (VDISK_CDROM | VDISK_READONLY) and
+    // the guest only reads.
     let read_only = Vbd {
         mode: "r",
+        device_type: "cdrom",
         ..Vbd::disk(
             2,
             XVDA,
@@ -464,7 +466,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
     assert_eq!(
         host.stock_read(&format!("{}/info", read_only.backend()))
             .as_deref(),
-        Some("4")
+        Some("5")
     );
 
     // Bad frontends, played with the stock xenstore-write; each fails alone.
@@ -637,32 +639,56 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
 }
 
 #[test]
-fn a_restarted_shim_adopts_a_running_device() {
+fn a_restarted_shim_adopts_running_devices() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let vbd = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
-    );
-    toolstack::add(&host.xs, &vbd);
+    let vbds = [
+        Vbd::disk(
+            1,
+            XVDA,
+            raw_image(disk.path(), "a.raw", 32).to_str().unwrap(),
+        ),
+        Vbd::disk(
+            2,
+            XVDA,
+            raw_image(disk.path(), "b.raw", 32).to_str().unwrap(),
+        ),
+    ];
+    for vbd in &vbds {
+        toolstack::add(&host.xs, vbd);
+    }
     let mut first = host.start_shim("shim1.log");
-    let front = host.blkfront(&vbd, &["--seconds", "4", "--queues", "2"]);
-    host.wait_value(&format!("{}/state", vbd.backend()), "4");
+    let fronts = [
+        host.blkfront(&vbds[0], &["--seconds", "4", "--queues", "2"]),
+        // The 32-bit layout through the shim too.
+        host.blkfront(&vbds[1], &["--seconds", "4", "--protocol", "x86_32-abi"]),
+    ];
+    for vbd in &vbds {
+        host.wait_value(&format!("{}/state", vbd.backend()), "4");
+    }
+    assert_eq!(
+        host.stock_read(&format!("{}/protocol", vbds[1].frontend()))
+            .as_deref(),
+        Some("x86_32-abi")
+    );
     std::thread::sleep(Duration::from_millis(500));
     first.kill();
-    // The device keeps running with no shim at all for a while.
+    // The devices keep running with no shim at all for a while.
     std::thread::sleep(Duration::from_millis(500));
     let second = host.start_shim("shim2.log");
-    wait_until("the new shim to adopt the device", || {
-        second.log().contains("adopted, connected").then_some(())
+    wait_until("the new shim to adopt both devices", || {
+        (second.log().matches("adopted, connected").count() == 2).then_some(())
     });
-    let report = report(front);
-    assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
-    // The new shim follows the guest's close.
-    host.wait_value(&format!("{}/state", vbd.backend()), "6");
-    toolstack::set_offline(&host.xs, &vbd);
-    wait_serve_gone(&host.serve_socket(&vbd));
+    for front in fronts {
+        let report = report(front);
+        assert!(report["verified_bytes"].as_u64().unwrap() > 0, "{report}");
+    }
+    // The new shim follows the guests' close, and unplugs.
+    for vbd in &vbds {
+        host.wait_value(&format!("{}/state", vbd.backend()), "6");
+        toolstack::set_offline(&host.xs, vbd);
+        wait_serve_gone(&host.serve_socket(vbd));
+    }
 }
 
 #[test]
@@ -701,14 +727,23 @@ fn a_dying_serve_puts_its_device_in_closing_with_an_error() {
         .stock_read(&format!("{}/error", vbd.backend()))
         .unwrap();
     assert!(error.contains("exited"), "{error}");
+    assert!(UnixStream::connect(&socket).is_err());
     // The other device is untouched and works.
     assert_eq!(
         host.read(&format!("{}/state", other.backend())).as_deref(),
         Some("2")
     );
     report(host.blkfront(&other, &["--ops", "200"]));
+    // The guest of the dead serve closes and starts over (a reboot): a fresh serve.
+    host.stock_write(&vbd.frontend(), &[("state", "6")]);
+    host.wait_value(&format!("{}/state", vbd.backend()), "6");
+    let front = host.blkfront(&vbd, &["--ops", "200"]);
+    report(front);
+    assert_eq!(processes_naming(&socket).len(), 1);
+    assert!(host
+        .stock_read(&format!("{}/error", vbd.backend()))
+        .is_none());
     shim.assert_running();
-    assert!(UnixStream::connect(&socket).is_err());
 }
 
 /// `ferrotap ctl --control SOCK ARGS...`, asserting success; its JSON reply.

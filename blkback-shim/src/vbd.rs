@@ -184,7 +184,7 @@ impl Shim {
         let online = self.read(&format!("{backend}/online"));
         let online = online.as_deref().map(str::trim) == Some("1");
         match (self.vbds.contains_key(&key), frontend) {
-            (false, Some(frontend)) if online => self.create(key, frontend),
+            (false, Some(frontend)) if online => self.create(key, frontend, false),
             (false, _) => {}
             (true, None) => {
                 info!("{}: backend removed", name(key));
@@ -247,7 +247,10 @@ impl Shim {
         Ok(link)
     }
 
-    fn create(&mut self, key: Key, frontend: String) {
+    /// Take device `key` on: open its serve, then adopt the state xenstore shows (a
+    /// restarted shim) or, when `reinitialised` (its frontend starting over) or new, offer
+    /// the serve's features and go InitWait.
+    fn create(&mut self, key: Key, frontend: String, reinitialised: bool) {
         let backend = backend_path(key);
         let generation = self.next_generation;
         self.next_generation += 1;
@@ -303,6 +306,7 @@ impl Shim {
         let backend_state = parse_state(self.read(&format!("{backend}/state")).as_deref());
         let frontend_state = parse_state(self.read(&format!("{}/state", vbd.frontend)).as_deref());
         match backend_state {
+            _ if reinitialised => {}
             // A restarted shim: the device runs, leave it running.
             Some(state::CONNECTED) if info.connected => {
                 vbd.phase = Phase::Connected;
@@ -439,7 +443,7 @@ impl Shim {
                         name(key)
                     );
                     self.unwatch_frontend(key, &vbd.frontend);
-                    self.create(key, vbd.frontend);
+                    self.create(key, vbd.frontend, true);
                 }
             }
             // Initialising or InitWait: a frontend (re)starting.
