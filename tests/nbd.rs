@@ -290,13 +290,20 @@ fn qcow2_chain_block_status_matches_the_chain_allocation() {
     assert!(list.contains("base:allocation"), "{list}");
     assert!(list.contains("can_multi_conn: true"), "{list}");
 
-    // Writes through NBD copy up into the top; the base is untouched.
+    // Writes through NBD copy up into the top; zeroes (with and without unmap) hide the
+    // base; the base is untouched.
     let base_before = std::fs::read(&base).unwrap();
     qemu_io(
         "raw",
         &uri,
-        &["write -P 0x55 20M 4k", "write -P 0x66 1000k 100k"],
+        &[
+            "write -P 0x55 20M 4k",
+            "write -P 0x66 1000k 100k",
+            "write -z -u 128k 64k",
+            "write -z 256k 4k",
+        ],
     );
+    qemu_io("raw", &uri, &["read -P 0 128k 64k", "read -P 0 256k 4k"]);
     server.stop();
     assert_eq!(std::fs::read(&base).unwrap(), base_before);
     qemu_io(
@@ -309,7 +316,11 @@ fn qcow2_chain_block_status_matches_the_chain_allocation() {
             "read -P 0x33 512k 488k",
             "read -P 0x66 1000k 100k",
             "read -P 0x33 1100k 436k",
-            "read -P 0x11 0 512k",
+            "read -P 0x11 0 128k",
+            "read -P 0 128k 64k",
+            "read -P 0x11 192k 64k",
+            "read -P 0 256k 4k",
+            "read -P 0x11 260k 252k",
         ],
     );
     run_ok(Command::new("qemu-img").args(["check", p(&top)]));
@@ -851,6 +862,15 @@ fn bad_requests_get_the_spec_errors() {
         if !structured {
             // Block status needs a negotiated context.
             assert_eq!(error(&mut client, 0, CMD_BLOCK_STATUS, 0, 4096), EINVAL);
+        }
+        // Zero-length requests do nothing and succeed.
+        for command in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            client.request(0, command, 12, 4096, 0);
+            let reply = client.reply(0);
+            assert_eq!((reply.handle, reply.error), (12, 0), "{command}");
+            if structured && command == CMD_READ {
+                assert_eq!(reply.chunk, Some(REPLY_TYPE_NONE));
+            }
         }
         // A write past the end: its payload is consumed, the error is ENOSPC, and the
         // stream stays in step.

@@ -400,6 +400,14 @@ impl Connection {
         let offset = request.offset;
         let len = request.len as usize;
         let fua = request.flags & CMD_FLAG_FUA != 0;
+        if len == 0 && !matches!(action, Action::Flush | Action::BlockStatus) {
+            // Nothing to do (the spec leaves zero-length requests to the server).
+            return if action == Action::Read {
+                Outcome::Data(0)
+            } else {
+                Outcome::Done
+            };
+        }
         let result = match action {
             Action::Read => {
                 return match backend.read_at(&mut space[..len], offset) {
@@ -507,6 +515,16 @@ impl Connection {
                 // A simple reply is allowed for anything but reads when structured.
                 header[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(handle, 0));
                 SIMPLE_REPLY_LEN
+            }
+            (Outcome::Data(0), true) => {
+                // A content chunk must describe at least one byte.
+                header[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
+                    handle,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_NONE,
+                    0,
+                ));
+                CHUNK_HEADER_LEN
             }
             (Outcome::Data(len), true) => {
                 header[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
