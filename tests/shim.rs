@@ -568,6 +568,31 @@ fn guest_disconnects_and_reconnects() {
     host.wait_value(&format!("{}/state", vbd.backend()), "2");
     host.stock_write(&vbd.frontend(), &[("state", "6")]);
     host.wait_value(&format!("{}/state", vbd.backend()), "6");
+    // A guest rebooted into a kernel with other settings: 2 queues on 4-page rings, then one
+    // queue on a one-page ring. The second boot's frontend must not leave the first one's
+    // multi-queue-num-queues or ring-page-order behind for the backend to read.
+    for args in [
+        ["--queues", "2", "--ring-page-order", "2"],
+        ["--queues", "1", "--ring-page-order", "0"],
+    ] {
+        let mut all = vec!["--ops", "200"];
+        all.extend(args);
+        let rebooted = self::report(host.blkfront(&vbd, &all));
+        assert!(
+            rebooted["verified_bytes"].as_u64().unwrap() > 0,
+            "{rebooted}"
+        );
+        host.wait_value(&format!("{}/state", vbd.backend()), "6");
+    }
+    let keys = host.stock_ls(&vbd.frontend());
+    assert!(
+        !keys
+            .keys()
+            .any(|k| k.contains("queue") || k.contains("ring-page-order")),
+        "stale transport keys: {keys:?}"
+    );
+    assert!(keys.contains_key("ring-ref"), "{keys:?}");
+    assert_eq!(shim.log().matches(": connected: ").count(), 5);
 }
 
 #[test]

@@ -203,8 +203,34 @@ impl XenbusFront {
         })
     }
 
+    /// Remove the transport keys an earlier connection (a previous boot of the guest) left,
+    /// so that the backend reads only this connection's: one queue after two, or order 0
+    /// after 2, must not leave `multi-queue-num-queues` or `ring-page-order` behind.
+    fn clear_transport(&self) -> Result<()> {
+        let children = self
+            .client
+            .directory(0, &self.frontend)
+            .map_err(|err| xs_error(&self.frontend, err))?;
+        for child in children {
+            let stale = child.starts_with("ring-ref")
+                || child.starts_with("queue-")
+                || matches!(
+                    child.as_str(),
+                    "ring-page-order" | "multi-queue-num-queues" | "event-channel"
+                );
+            if stale {
+                let path = format!("{}/{child}", self.frontend);
+                self.client
+                    .rm(0, &path)
+                    .map_err(|err| xs_error(&format!("rm {path}"), err))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The transport keys of `request`, written as Linux blkfront's talk_to_blkback does.
     fn write_transport(&self, request: &ConnectRequest) -> Result<()> {
+        self.clear_transport()?;
         let ring_keys = |prefix: &str, refs: &[u32]| -> Result<()> {
             if request.ring_page_order == 0 {
                 self.write_frontend(&format!("{prefix}ring-ref"), &refs[0].to_string())

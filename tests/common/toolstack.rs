@@ -1,6 +1,7 @@
 //! The toolstack's part of a VBD (../shared/xensim.md section 5), as xenopsd writes it: the
 //! backend and frontend directories with their keys and permissions, hot-unplug and removal.
 
+use ferrotap::toolstack::{attach, Vbd3};
 use ferrotap::xenstore::Client;
 
 /// One VBD as the toolstack describes it.
@@ -36,47 +37,17 @@ impl Vbd {
     }
 }
 
-/// Write the backend and frontend directories in one transaction: the backend owned by
-/// dom0 and readable by the guest, the frontend owned by the guest and readable by dom0.
+/// Write the backend and frontend directories as `ferrotap vbd attach` does (one
+/// transaction, the toolstack's permissions).
 pub fn add(xs: &Client, vbd: &Vbd) {
-    let (be, fe, domid) = (vbd.backend(), vbd.frontend(), vbd.domid.to_string());
-    let backend_keys = [
-        ("frontend", fe.clone()),
-        ("frontend-id", domid.clone()),
-        ("params", vbd.params.clone()),
-        ("mode", vbd.mode.to_string()),
-        ("online", "1".to_string()),
-        ("removable", "0".to_string()),
-        ("state", "1".to_string()),
-        ("type", "vbd3".to_string()),
-        ("dev", "xvda".to_string()),
-        ("device-type", vbd.device_type.to_string()),
-    ];
-    let frontend_keys = [
-        ("backend", be.clone()),
-        ("backend-id", "0".to_string()),
-        ("state", "1".to_string()),
-        ("virtual-device", vbd.devid.to_string()),
-        ("device-type", vbd.device_type.to_string()),
-    ];
-    let backend_perms = ["n0".to_string(), format!("r{domid}")];
-    let frontend_perms = [format!("n{domid}"), "r0".to_string()];
-    loop {
-        let tx = xs.transaction_start().unwrap();
-        xs.mkdir(tx, &be).unwrap();
-        xs.set_perms(tx, &be, &backend_perms).unwrap();
-        for (key, value) in &backend_keys {
-            xs.write(tx, &format!("{be}/{key}"), value).unwrap();
-        }
-        xs.mkdir(tx, &fe).unwrap();
-        xs.set_perms(tx, &fe, &frontend_perms).unwrap();
-        for (key, value) in &frontend_keys {
-            xs.write(tx, &format!("{fe}/{key}"), value).unwrap();
-        }
-        if xs.transaction_end(tx, true).unwrap() {
-            return;
-        }
-    }
+    let spec = Vbd3 {
+        domid: u32::from(vbd.domid),
+        devid: vbd.devid,
+        params: vbd.params.clone(),
+        read_only: vbd.mode == "r",
+        cdrom: vbd.device_type == "cdrom",
+    };
+    attach(xs, &spec).unwrap();
 }
 
 /// Hot-unplug: `online` to 0 (the backend tears the device down and writes Closed).
