@@ -771,3 +771,97 @@ fn table(report: &NbdReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(iops: f64) -> Sample {
+        Sample {
+            iops,
+            mib_s: iops / 256.0,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            cpu_pct: None,
+            rss_mib: None,
+        }
+    }
+
+    #[test]
+    fn peers_parse_as_name_and_uri() {
+        assert_eq!(
+            parse_peer("tapdisk=nbd+unix:///?socket=/x").unwrap(),
+            ("tapdisk".to_string(), "nbd+unix:///?socket=/x".to_string())
+        );
+        assert!(parse_peer("tapdisk").is_err());
+        assert!(parse_peer("=nbd://x").is_err());
+    }
+
+    /// The best peer is the fastest at the same point on the same image (an external peer
+    /// only beside raw), and the ratio pairs rounds.
+    #[test]
+    fn ferrotap_rows_compare_with_the_best_peer() {
+        let peer = System::Peer("tap".into(), "nbd://x".into());
+        let samples = vec![
+            (
+                System::Ferrotap,
+                "raw".to_string(),
+                0,
+                vec![sample(130.0), sample(60.0)],
+                String::new(),
+            ),
+            (
+                System::QemuNbd,
+                "raw".to_string(),
+                0,
+                vec![sample(50.0), sample(40.0)],
+                String::new(),
+            ),
+            (
+                System::Nbdkit,
+                "raw".to_string(),
+                0,
+                vec![sample(100.0), sample(50.0)],
+                String::new(),
+            ),
+            (
+                peer.clone(),
+                "peer".to_string(),
+                0,
+                vec![sample(90.0), sample(45.0)],
+                String::new(),
+            ),
+            (
+                System::Ferrotap,
+                "qcow2".to_string(),
+                0,
+                vec![sample(80.0), sample(80.0)],
+                String::new(),
+            ),
+            (
+                System::QemuNbd,
+                "qcow2".to_string(),
+                0,
+                vec![sample(40.0), sample(20.0)],
+                String::new(),
+            ),
+        ];
+        let rows = rows_of(&samples, "/dev/shm");
+        let raw = rows
+            .iter()
+            .find(|r| r.system == "ferrotap" && r.format == "raw")
+            .unwrap();
+        assert_eq!(raw.best_peer.as_deref(), Some("nbdkit-file"));
+        // Per round 1.3 and 1.2: the lower median.
+        assert_eq!(raw.vs_best_peer, Some(1.2));
+        let qcow2 = rows
+            .iter()
+            .find(|r| r.system == "ferrotap" && r.format == "qcow2")
+            .unwrap();
+        assert_eq!(qcow2.best_peer.as_deref(), Some("qemu-nbd"));
+        assert_eq!(qcow2.vs_best_peer, Some(2.0));
+        assert!(rows
+            .iter()
+            .all(|r| r.system == "ferrotap" || r.best_peer.is_none()));
+    }
+}
