@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::blkif::{Protocol, MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST};
+use crate::blkif::{Protocol, MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE};
 use crate::ctl::registry;
 use crate::datapath::statsfile::{self, StatsFiles};
 use crate::datapath::{
@@ -27,7 +27,9 @@ use crate::datapath::{
 };
 use crate::engine::{new_engine, EngineKind};
 use crate::error::{Error, ErrorKind, Result};
+use crate::image::chain::BlockStatus;
 use crate::image::{Format, Image, ImageOptions};
+use crate::nbd::{self, Export};
 use crate::xen::linux::LinuxPlatform;
 use crate::xen::sim::SimPlatform;
 use crate::xen::Platform;
@@ -87,6 +89,10 @@ pub struct ServeArgs {
     /// Register the buffers with io_uring (fixed buffers; pins them in memory).
     #[arg(long)]
     pub fixed_buffers: bool,
+    /// Export the disk, live and read-only, over NBD on this unix socket: reads go through
+    /// the image the guest writes to, so they see every write the guest has completed.
+    #[arg(long, value_name = "SOCK")]
+    pub nbd: Option<PathBuf>,
     /// The VBD's device id, for the stats files and the registry when `connect` names none.
     #[arg(long)]
     pub devid: Option<u32>,
@@ -310,6 +316,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         args.control.display()
     );
     let vbd = Arc::new(Mutex::new(vbd));
+    if let Some(path) = &args.nbd {
+        let description = format!("ferrotap serve (live): {}", args.image.display());
+        let live = Arc::new(LiveExport {
+            vbd: Arc::clone(&vbd),
+        });
+        let export = Arc::new(Export::new("", &description, live, true));
+        nbd::spawn_unix_listener(path, export, LIVE_EXPORT_CONNECTIONS)?;
+        eprintln!(
+            "ferrotap serve: live NBD export on nbd+unix:///?socket={}",
+            path.display()
+        );
+    }
     let closing = Arc::new(AtomicBool::new(false));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
@@ -339,7 +357,72 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         registry::remove(vbd.pid);
     }
     let _ = std::fs::remove_file(&args.control);
+    if let Some(path) = &args.nbd {
+        let _ = std::fs::remove_file(path);
+    }
     result
+}
+
+/// Connections the live export serves at once (backup and mirroring clients).
+const LIVE_EXPORT_CONNECTIONS: usize = 16;
+/// How long a live-export request waits for a paused device to be unpaused.
+const LIVE_EXPORT_PAUSE_WAIT: Duration = Duration::from_secs(120);
+
+/// The live NBD export of this serve's disk, read-only: a second writer behind the guest's
+/// back would change its disk under its filesystem. Each request takes the device's current
+/// image (the one the guest's writes go to, also after an unpause onto a new leaf), and
+/// waits while the device is paused (its image closed).
+struct LiveExport {
+    vbd: Arc<Mutex<Vbd>>,
+}
+
+impl LiveExport {
+    fn image(&self) -> Result<Arc<Image>> {
+        let deadline = std::time::Instant::now() + LIVE_EXPORT_PAUSE_WAIT;
+        loop {
+            if let Some(image) = self.vbd.lock().device.image().cloned() {
+                return Ok(image);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "the disk stayed paused: no image to read",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn read_only() -> Error {
+        Error::new(ErrorKind::InvalidArgument, "the live export is read-only")
+    }
+}
+
+impl nbd::Backend for LiveExport {
+    fn size(&self) -> u64 {
+        self.vbd.lock().device.sectors() * SECTOR_SIZE
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image()?.read_at(buf, offset)
+    }
+
+    fn write_at(&self, _data: &[u8], _offset: u64) -> Result<()> {
+        Err(LiveExport::read_only())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(LiveExport::read_only())
+    }
+
+    /// Nothing is written through the export; the guest's flushes are its own.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.image()?.block_status(offset, len)
+    }
 }
 
 /// SIGTERM and SIGINT close the serve as a `close` request does (the queues drain, the stats

@@ -396,6 +396,20 @@ pub fn run(args: &NbdArgs) -> Result<()> {
     Ok(())
 }
 
+/// Export `export` on a unix socket at `path` from a thread of its own, for as long as the
+/// process runs: the live export of a running `ferrotap serve`.
+pub fn spawn_unix_listener(path: &Path, export: Arc<Export>, max_connections: usize) -> Result<()> {
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", e).with_path(path))?;
+    // A live export reads through the guest's image, which serve opens with O_DIRECT.
+    let tuning = Tuning::for_image(true);
+    std::thread::Builder::new()
+        .name("ferrotap-nbd".into())
+        .spawn(move || accept_loop(&Listener::Unix(listener), &export, tuning, max_connections))
+        .map_err(|e| Error::io("spawn the NBD listener", e))?;
+    Ok(())
+}
+
 /// Tell the caller where to connect (one line on stdout, flushed: tests wait for it).
 fn announce(uri: &str) {
     let mut stdout = io::stdout();
