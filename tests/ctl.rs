@@ -112,20 +112,7 @@ fn spawn_blkfront(host: &SimHost, serve: &Serve, args: &[&str]) -> Child {
 
 /// Wait for the blkfront; it must succeed. Its report.
 fn finish_blkfront(child: Child) -> Value {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "blkfront failed: {}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON report in {stdout}"));
-    serde_json::from_str(line).unwrap()
+    common::host::report_of(&child.wait_with_output().unwrap())
 }
 
 /// Poll `serve`'s stats until `done` holds for the totals (or fail after 60 s).

@@ -224,22 +224,9 @@ fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// Wait for a blkfront and return its JSON report, asserting it succeeded.
+/// Wait for a blkfront and return its JSON report, asserting it succeeded without errors.
 fn report(child: Child) -> Value {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "blkfront failed: {}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no report in {stdout}"));
-    let report: Value = serde_json::from_str(line).unwrap();
+    let report = common::host::report_of(&child.wait_with_output().unwrap());
     assert_eq!(report["errors"], 0, "{report}");
     assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
     report

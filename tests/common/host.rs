@@ -74,20 +74,7 @@ impl SimHost {
 
     /// As [`Self::blkfront`], asserting success; returns its JSON report.
     pub fn blkfront_ok(&self, serve: &Serve, extra: &[&str]) -> Value {
-        let out = self.blkfront(serve, extra);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "blkfront {extra:?} failed: {}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))
-            .unwrap_or_else(|| panic!("no JSON report in {stdout}"));
-        serde_json::from_str(line).unwrap()
+        report_of(&self.blkfront(serve, extra))
     }
 }
 
@@ -173,4 +160,21 @@ impl Drop for Serve {
         }
         self.shutdown();
     }
+}
+
+/// The JSON report of a simulated blkfront that must have succeeded (its last `{` line).
+pub fn report_of(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "blkfront failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON report in {stdout}"));
+    serde_json::from_str(line).unwrap()
 }
