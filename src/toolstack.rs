@@ -174,9 +174,15 @@ pub fn detach(client: &Client, domid: u32, devid: u32, timeout: Duration) -> Res
         client.next_event(Some(left.min(Duration::from_millis(200))))?;
     };
     let _ = client.unwatch(&state_path, &token);
+    // The frontend's directory goes with its domain (xl destroy, a guest shut down): already
+    // gone is fine, for either node.
+    let remove = |tx, path: &str| match client.rm(tx, path) {
+        Err(err) if err.is_not_found() => Ok(()),
+        other => other,
+    };
     client.transaction(|tx| {
-        client.rm(tx, &fe)?;
-        client.rm(tx, &be)
+        remove(tx, &fe)?;
+        remove(tx, &be)
     })?;
     Ok(closed)
 }
