@@ -1,7 +1,7 @@
 //! `ferrotap vbd attach|detach`, the helper for plain `xl` users, against the xensim
 //! xenstored; what it wrote is read back with the stock `xenstore-ls` (XENSTORED_PATH).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
