@@ -254,6 +254,11 @@ fn wait_serve_gone(socket: &Path) {
     );
 }
 
+/// xvda of guest `domid` on a new 16 MiB raw image `name` in `dir`.
+fn raw_vbd(dir: &Path, domid: u16, name: &str) -> Vbd {
+    Vbd::disk(domid, XVDA, raw_image(dir, name, 16).to_str().unwrap())
+}
+
 fn raw_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     let path = dir.join(name);
     File::create(&path).unwrap().set_len(mib << 20).unwrap();
@@ -531,11 +536,7 @@ fn two_devices_run_while_bad_frontends_fail_alone() {
 fn guest_disconnects_and_reconnects() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let vbd = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 16).to_str().unwrap(),
-    );
+    let vbd = raw_vbd(disk.path(), 1, "a.raw");
     toolstack::add(&host.xs, &vbd);
     let mut shim = host.start_shim("shim.log");
     // Three connections: 1 -> 3 -> 4 -> 5 -> 6, then 1 again (a reboot), twice.
@@ -587,17 +588,9 @@ fn hot_unplug_and_removal_close_the_serve_attach_mode_leaves_it() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
     // Started by the shim, used, then online=0.
-    let used = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 16).to_str().unwrap(),
-    );
+    let used = raw_vbd(disk.path(), 1, "a.raw");
     // Started by the shim, never connected, then its backend removed.
-    let idle = Vbd::disk(
-        2,
-        XVDA,
-        raw_image(disk.path(), "b.raw", 16).to_str().unwrap(),
-    );
+    let idle = raw_vbd(disk.path(), 2, "b.raw");
     // A serve the toolstack started: `params` names its control socket.
     let image = raw_image(disk.path(), "c.raw", 16);
     let own_serve = host.sim.serve("own", &image, &[]);
@@ -707,16 +700,8 @@ fn a_restarted_shim_adopts_running_devices() {
 fn a_dying_serve_puts_its_device_in_closing_with_an_error() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let vbd = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 16).to_str().unwrap(),
-    );
-    let other = Vbd::disk(
-        2,
-        XVDA,
-        raw_image(disk.path(), "b.raw", 16).to_str().unwrap(),
-    );
+    let vbd = raw_vbd(disk.path(), 1, "a.raw");
+    let other = raw_vbd(disk.path(), 2, "b.raw");
     toolstack::add(&host.xs, &vbd);
     toolstack::add(&host.xs, &other);
     // An image that cannot be opened: the spawn fails, with the error where a toolstack looks.
@@ -774,11 +759,7 @@ fn ctl(socket: &Path, args: &[&str]) -> Value {
 fn online_resize_reaches_xenstore_and_the_guest() {
     let host = Host::new();
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let vbd = Vbd::disk(
-        1,
-        XVDA,
-        raw_image(disk.path(), "a.raw", 16).to_str().unwrap(),
-    );
+    let vbd = raw_vbd(disk.path(), 1, "a.raw");
     toolstack::add(&host.xs, &vbd);
     let mut shim = host.start_shim("shim.log");
     let be = vbd.backend();
