@@ -1,7 +1,7 @@
 //! The toolstack's part of a VBD (../shared/xensim.md section 5), as xenopsd writes it: the
 //! backend and frontend directories with their keys and permissions, hot-unplug and removal.
 
-use ferrotap::toolstack::{attach, Vbd3};
+use ferrotap::toolstack::{attach, backend_path, frontend_path, Vbd3};
 use ferrotap::xenstore::Client;
 
 /// One VBD as the toolstack describes it.
@@ -29,11 +29,11 @@ impl Vbd {
     }
 
     pub fn backend(&self) -> String {
-        format!("/local/domain/0/backend/vbd3/{}/{}", self.domid, self.devid)
+        backend_path(u32::from(self.domid), self.devid)
     }
 
     pub fn frontend(&self) -> String {
-        format!("/local/domain/{}/device/vbd/{}", self.domid, self.devid)
+        frontend_path(u32::from(self.domid), self.devid)
     }
 }
 
