@@ -23,7 +23,7 @@ use crate::ctl::registry;
 use crate::datapath::statsfile::{self, StatsFiles};
 use crate::datapath::{
     ConnectParams, Device, DeviceConfig, Features, QueueRing, QueueStatsSnapshot,
-    DEFAULT_MAX_QUEUES, MAX_RING_PAGE_ORDER,
+    DEFAULT_MAX_QUEUES, DEFAULT_POLL_US, MAX_RING_PAGE_ORDER,
 };
 use crate::engine::{new_engine, EngineKind};
 use crate::error::{Error, ErrorKind, Result};
@@ -80,8 +80,10 @@ pub struct ServeArgs {
     /// Use the host page cache instead of O_DIRECT.
     #[arg(long)]
     pub buffered: bool,
-    /// Spin this many microseconds for new work before sleeping (0: never spin).
-    #[arg(long, default_value_t = 0)]
+    /// Spin this many microseconds for new work before sleeping (0: never spin): each
+    /// queue thread watches its ring and completions from memory, yielding the core to
+    /// anything else runnable, and sleeps once the window passes with nothing to do.
+    #[arg(long, default_value_t = DEFAULT_POLL_US)]
     pub poll_us: u64,
     /// KiB of grant-copy buffers per queue.
     #[arg(long, default_value_t = 4096)]

@@ -134,6 +134,16 @@ fn raw_copy_and_persistent_both_protocols_both_engines() {
                 serve: &["--engine", "uring"],
                 front: &["--ring-page-order", "2", "--queues", "2", "--persistent"],
             },
+            // The frontend's hybrid wait (spinning for a lone request's response) against
+            // a serve that polls too (the default window) and one that never polls.
+            Case {
+                serve: &["--engine", "uring"],
+                front: &["--iodepth", "1", "--poll-us", "200", "--persistent"],
+            },
+            Case {
+                serve: &["--engine", "aio", "--poll-us", "0"],
+                front: &["--iodepth", "1", "--poll-us", "200"],
+            },
             Case {
                 serve: &["--engine", "aio", "--buffered"],
                 front: &[

@@ -59,6 +59,21 @@ pub struct RingArgs {
     /// `--serve-arg=--fixed-buffers`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// Only these points of the matrix (repeat): workload names as in the table, e.g.
+    /// `--workload randread-4k-qd1 --workload randread-4k-qd32`.
+    #[arg(long = "workload", value_name = "NAME")]
+    only_workloads: Vec<String>,
+    /// Only these queue counts (repeat; the full matrix has 1 and 2).
+    #[arg(long = "queues", value_name = "N")]
+    only_queues: Vec<u32>,
+    /// Only these formats for ferrotap (repeat: raw, vhd, qcow2); fio always runs.
+    #[arg(long = "format", value_name = "FORMAT")]
+    only_formats: Vec<String>,
+    /// The load generator's hybrid wait: the blkfront spins this many microseconds on its
+    /// ring for responses before sleeping in poll() (its `--poll-us`), as fio's polled
+    /// completions would; 0: it sleeps at once.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_FRONT_POLL_US)]
+    front_poll_us: u64,
     /// The ferrotap binary (default: the one built next to ferrotap-bench).
     #[arg(long)]
     ferrotap: Option<PathBuf>,
@@ -68,6 +83,8 @@ pub struct RingArgs {
     out: Option<PathBuf>,
 }
 
+/// The blkfront's response polling window by default (`--front-poll-us`).
+const DEFAULT_FRONT_POLL_US: u64 = 100;
 /// Seed of every random pattern (fio gets it too).
 const SEED: u64 = 0x5eed_f00d;
 /// Requests of the x86_64 protocol in one ring page (32 of 112 bytes after the header).
@@ -184,7 +201,7 @@ impl Variant {
     /// only the grant-copy buffers.
     fn options_grid() -> Vec<Variant> {
         let mut grid = Vec::new();
-        for poll_us in [0, 50] {
+        for poll_us in [0, 100] {
             for (engine, persistent, fixed) in [
                 ("uring", false, false),
                 ("uring", false, true),
@@ -248,6 +265,8 @@ pub struct RingPlan {
     pub ramp_ms: u64,
     pub rounds: u64,
     pub idle_ms: u64,
+    /// The blkfront's `--poll-us`.
+    pub front_poll_us: u64,
 }
 
 /// A simulated Xen host: a fresh short directory under /dev/shm (its socket paths must fit
@@ -426,6 +445,7 @@ fn run_blkfront(
         .args(["--seconds", &format!("{seconds:.3}")])
         .args(["--seed", &SEED.to_string()])
         .args(["--region-bytes", &plan.size.to_string()])
+        .args(["--poll-us", &plan.front_poll_us.to_string()])
         .arg("--json")
         .env("RUST_BACKTRACE", "0");
     if variant.persistent {
@@ -613,6 +633,7 @@ pub fn run(args: &RingArgs) -> Result<()> {
         ramp_ms: args.ramp_ms.unwrap_or(300),
         rounds: args.rounds.unwrap_or(3),
         idle_ms: args.idle_ms.unwrap_or(3000),
+        front_poll_us: args.front_poll_us,
     };
     // Sequential jobs each own a whole number of MiB for up to 2 queues.
     if plan.size < 2 * MIB {
@@ -674,19 +695,35 @@ pub fn run(args: &RingArgs) -> Result<()> {
         rounds: plan.rounds,
         idle_ms: plan.idle_ms,
         front_persistent: !args.front_copy,
+        front_poll_us: args.front_poll_us,
         serve_args: args.serve_args.clone(),
         seed: SEED,
         qcow2: "compat 1.1 (v3), 64 KiB clusters",
         vhd: "dynamic, 2 MiB blocks",
     });
+    let formats: Vec<Format> = formats
+        .iter()
+        .copied()
+        .filter(|f| args.only_formats.is_empty() || args.only_formats.iter().any(|o| o == f.name()))
+        .collect();
     let points: Vec<Point> = workloads
         .iter()
+        .filter(|w| args.only_workloads.is_empty() || args.only_workloads.contains(&w.name()))
         .flat_map(|&workload| {
             queue_counts
                 .iter()
+                .filter(|q| args.only_queues.is_empty() || args.only_queues.contains(q))
                 .map(move |&queues| Point { workload, queues })
         })
         .collect();
+    if points.is_empty() || formats.is_empty() {
+        return Err("--workload/--queues/--format leave nothing to measure".into());
+    }
+    // fio runs on the raw image of each round, made even when ferrotap's raw is left out.
+    let mut image_formats = formats.clone();
+    if !image_formats.contains(&Format::Raw) {
+        image_formats.insert(0, Format::Raw);
+    }
     let mut systems = vec![System::Fio];
     for variant in &variants {
         systems.extend(
@@ -707,7 +744,14 @@ pub fn run(args: &RingArgs) -> Result<()> {
                 "no O_DIRECT here: buffered I/O for every system"
             }
         );
-        run_backing(&plan, &backing, formats, &points, &systems, &mut report);
+        run_backing(
+            &plan,
+            &backing,
+            &image_formats,
+            &points,
+            &systems,
+            &mut report,
+        );
         report.add_backing(&backing);
     }
     if !args.options {
@@ -854,8 +898,8 @@ fn run_idle(plan: &RingPlan, backing: &Backing, args: &RingArgs, report: &mut Ri
     let mut cases = vec![(default.clone(), false), (default.clone(), true)];
     if !args.quick {
         let mut polling = default;
-        polling.poll_us = Some(50);
-        polling.label = "ferrotap[poll-us=50]".into();
+        polling.poll_us = Some(1000);
+        polling.label = "ferrotap[poll-us=1000]".into();
         cases.push((polling, true));
     }
     for (variant, connected) in cases {

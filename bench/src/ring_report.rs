@@ -100,6 +100,8 @@ pub struct RingConfig {
     pub idle_ms: u64,
     /// The blkfront offers feature-persistent in the matrix (Linux's blkfront does).
     pub front_persistent: bool,
+    /// The blkfront spins this long (µs) for responses before sleeping.
+    pub front_poll_us: u64,
     /// Extra arguments every serve of the matrix got.
     pub serve_args: Vec<String>,
     pub seed: u64,
@@ -281,7 +283,8 @@ impl RingReport {
             out,
             "\nring ({} mode): ferrotap serve on xensim + the Rust blkfront, beside fio \
              (io_uring, direct) on the raw file; {} MiB images, {} ms per point and round \
-             after a {} ms ramp, median of {} round(s); frontend {}; {}",
+             after a {} ms ramp, median of {} round(s); frontend {}, polls {} µs for \
+             responses before sleeping; {}",
             c.mode,
             c.image_size_mib,
             c.runtime_ms,
@@ -292,6 +295,7 @@ impl RingReport {
             } else {
                 "grant copy only"
             },
+            c.front_poll_us,
             c.fio
         );
         for b in &self.backings {
@@ -429,6 +433,7 @@ mod tests {
             rounds: 2,
             idle_ms: 1,
             front_persistent: true,
+            front_poll_us: 0,
             serve_args: Vec::new(),
             seed: 1,
             qcow2: "",

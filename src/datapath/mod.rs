@@ -28,6 +28,11 @@ use queue::{QueueSetup, QueueThread};
 pub const MAX_RING_PAGE_ORDER: u32 = 4;
 /// Queues a device offers by default: as many as blkback's default, one per dom0 vCPU.
 pub const DEFAULT_MAX_QUEUES: usize = 4;
+/// `serve --poll-us` by default: a queue thread spins (yielding) this long for requests and
+/// completions before it sleeps. Chosen with bench/run.sh ring (bench/README.md): it covers a
+/// disk's 4 KiB read (~50 µs here) and a frontend's next request at QD1, so a busy queue
+/// needs no wake-up; an idle one sleeps after it.
+pub const DEFAULT_POLL_US: u64 = 100;
 
 /// What the backend offers the frontend (the `feature-*` keys on a real host).
 #[derive(Debug, Clone, Serialize)]
@@ -50,6 +55,7 @@ pub struct DeviceConfig {
     pub features: Features,
     pub engine: EngineKind,
     /// Spin this long for new work before blocking (tapdisk's polling-duration); zero: never.
+    /// The spin reads memory only and yields the core on every turn.
     pub poll_window: Duration,
     /// Bytes of bounce buffers per queue that grant copies land in.
     pub pool_bytes: usize,

@@ -347,11 +347,14 @@ impl QueueThread {
             // Sleep only after the final check (it also sets req_event so the frontend
             // notifies us), and only when we could take a request if one came. While
             // pausing, requests stay on the ring; resuming takes them without a notify.
+            // The polling window comes first: while it lasts req_event stays behind, so a
+            // frontend that keeps the ring busy sends no notification (a system call on
+            // each side, and a wake-up, saved per request).
             let can_take = taking && self.deferred.is_none() && !self.exclusive_running;
-            if can_take && self.ring.final_check_for_requests() {
+            if !poll_window.is_zero() && self.busy_poll(poll_window, can_take)? {
                 continue;
             }
-            if !poll_window.is_zero() && self.busy_poll(poll_window, can_take)? {
+            if can_take && self.ring.final_check_for_requests() {
                 continue;
             }
             let timeout = if std::mem::take(&mut self.waiting_for_discard) {
@@ -370,25 +373,58 @@ impl QueueThread {
         }
     }
 
-    /// Spin for up to `window` looking for completions or requests; true when work came.
+    /// Spin for up to `window` for work, reading memory only: the ring (requests are taken
+    /// without touching req_event), the engine's completion queue (`completions_ready`) and
+    /// the stop and pause flags. A system call only when something is there to collect,
+    /// and, while worker jobs are out, a look at the engine's watches (its wake fd) every
+    /// `WORKER_LOOK_SPINS` turns, which native AIO sees only in `wait`. True when work came
+    /// (the caller goes round again), false when the window passed without any.
     fn busy_poll(&mut self, window: Duration, can_take: bool) -> Result<bool> {
+        const WORKER_LOOK_SPINS: u32 = 64;
+        self.engine.submit()?;
+        let pause = self.shared.pause.load(Ordering::Acquire);
         let deadline = Instant::now() + window;
-        while Instant::now() < deadline {
-            self.completions.clear();
-            let mut completions = std::mem::take(&mut self.completions);
-            self.engine
-                .wait(0, Some(Duration::ZERO), &mut completions)?;
-            let got = !completions.is_empty();
-            for completion in completions.drain(..) {
-                self.on_completion(completion)?;
+        let mut spins = 0u32;
+        loop {
+            if can_take {
+                let consumed = self.ring.unanswered();
+                if let Err(err) = self.take_requests() {
+                    self.fail(format!("queue {}: {err}", self.index));
+                    return Ok(true);
+                }
+                // Taken (perhaps answered at once: a request refused by validation leaves
+                // `unanswered` as it was but a response waiting to be pushed).
+                if self.ring.unanswered() != consumed || self.responses_waiting {
+                    return Ok(true);
+                }
             }
-            self.completions = completions;
-            if got || (can_take && self.ring.final_check_for_requests()) {
+            spins = spins.wrapping_add(1);
+            let look_at_worker =
+                self.worker.pending() > 0 && spins.is_multiple_of(WORKER_LOOK_SPINS);
+            if look_at_worker || self.engine.completions_ready() {
+                self.completions.clear();
+                let mut completions = std::mem::take(&mut self.completions);
+                self.engine
+                    .wait(0, Some(Duration::ZERO), &mut completions)?;
+                let got = !completions.is_empty();
+                for completion in completions.drain(..) {
+                    self.on_completion(completion)?;
+                }
+                self.completions = completions;
+                if got {
+                    return Ok(true);
+                }
+            }
+            if self.shared.stopping.load(Ordering::Acquire)
+                || self.shared.pause.load(Ordering::Acquire) != pause
+            {
                 return Ok(true);
             }
-            std::hint::spin_loop();
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::yield_now();
         }
-        Ok(false)
     }
 
     /// After serving: finish everything in flight, answer it, and stop.

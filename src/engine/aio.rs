@@ -15,6 +15,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Completion, Engine, EngineKind, Op};
@@ -24,6 +25,12 @@ const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_FDSYNC: u16 = 3;
 const IOCB_FLAG_RESFD: u32 = 1;
+/// `AIO_RING_MAGIC` of fs/aio.c, and where head, tail and magic sit in its `struct aio_ring`
+/// (in u32 words).
+const AIO_RING_MAGIC: u32 = 0xa10a_10a1;
+const AIO_RING_HEAD_WORD: usize = 2;
+const AIO_RING_TAIL_WORD: usize = 3;
+const AIO_RING_MAGIC_WORD: usize = 4;
 
 /// How long `Drop` waits for operations in flight before tearing the context down (which
 /// itself waits for them in the kernel).
@@ -296,6 +303,23 @@ impl AioEngine {
         Ok(())
     }
 
+    /// Whether the completion ring that `io_setup` mapped at the context's address holds
+    /// events (`head != tail` of its `struct aio_ring` header, as libaio's user-space reaping
+    /// reads it); `None` when the header's magic is not the one of fs/aio.c.
+    fn events_in_ring(&self) -> Option<bool> {
+        let header = self.ctx as usize as *mut u32;
+        // SAFETY: io_setup mapped the ring at `ctx`, readable by this process, until the
+        // io_destroy in Drop; its header is 8 aligned u32 words (id, nr, head, tail, magic,
+        // ...). The kernel updates them concurrently, so they are read atomically.
+        let word = |index: usize| unsafe { AtomicU32::from_ptr(header.add(index)) };
+        if word(AIO_RING_MAGIC_WORD).load(Ordering::Relaxed) != AIO_RING_MAGIC {
+            return None;
+        }
+        let head = word(AIO_RING_HEAD_WORD).load(Ordering::Acquire);
+        let tail = word(AIO_RING_TAIL_WORD).load(Ordering::Acquire);
+        Some(head != tail)
+    }
+
     fn drain_eventfd(&mut self) {
         let mut count = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a live 8-byte local. The fd is non-blocking;
@@ -416,6 +440,22 @@ impl Engine for AioEngine {
         self.ready_ops = 0;
         out.append(&mut self.ready);
         Ok(())
+    }
+
+    fn submit(&mut self) -> Result<()> {
+        self.submit_pending()
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        if !self.ready.is_empty() {
+            return true;
+        }
+        if self.submitted == 0 {
+            return false;
+        }
+        // A kernel that maps no ring we know: io_getevents would have to tell, so say yes
+        // and let `wait` ask it.
+        self.events_in_ring().unwrap_or(true)
     }
 
     fn in_flight(&self) -> usize {

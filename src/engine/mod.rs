@@ -85,6 +85,15 @@ pub trait Engine {
         out: &mut Vec<Completion>,
     ) -> Result<()>;
 
+    /// Submit everything queued now, without waiting and without collecting anything.
+    fn submit(&mut self) -> Result<()>;
+
+    /// Whether `wait` has completions to return, looked up without a system call: for
+    /// busy polling, which must not enter the kernel on every turn. io_uring reads its
+    /// completion queue (ops and watches); native AIO reads the completion ring the kernel
+    /// maps into the process (ops only: its watches are seen by `wait` alone).
+    fn completions_ready(&mut self) -> bool;
+
     /// Operations pushed whose completion `wait` has not returned yet (watches excluded).
     fn in_flight(&self) -> usize;
 

@@ -421,6 +421,16 @@ impl Engine for UringEngine {
         Ok(())
     }
 
+    fn submit(&mut self) -> Result<()> {
+        self.submit_all()
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        // The completion queue's tail is read with acquire ordering: memory only.
+        self.reap();
+        !self.ready.is_empty()
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }

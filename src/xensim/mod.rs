@@ -98,6 +98,10 @@ pub struct BlkfrontArgs {
     /// Send no discards (verify).
     #[arg(long)]
     pub no_discard: bool,
+    /// Spin this many microseconds on the ring for responses before sleeping (the load
+    /// generator's hybrid wait, like fio's polled completions; 0: sleep at once).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub poll_us: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -161,6 +165,7 @@ fn run_blkfront(args: &BlkfrontArgs) -> Result<()> {
         indirect_segments: args.indirect_segments,
         iodepth: args.iodepth,
         slot_segments: workload.slot_segments(),
+        poll: Duration::from_micros(args.poll_us),
         ..FrontConfig::new(args.dir.clone(), args.control.clone().unwrap_or_default())
     };
     let (outcome, size) = if args.xenstore {
