@@ -4,7 +4,8 @@
 ftctl.py check-stats OUTDIR MODE   judge OUTDIR/stats.json (`ferrotap ctl stats` after the
                                    disconnect) against OUTDIR/info.json (`ferrotap ctl info`
                                    while connected: its "frontend") and the guest's
-                                   workload (MODE: ftcheck's guest or readonly); prints
+                                   workload (MODE: ftcheck's modes, e.g. guest,
+                                   readonly, backing,guest or stream); prints
                                    "STATS: ..." lines, exit 1 on a failure
 """
 import json
@@ -20,8 +21,10 @@ MIN_READ = MIN_WRITTEN + (1 << 20) + (1 << 20) + 4096
 MIN_READ_RO = MIN_WRITTEN + (1 << 20) + 4096
 
 
-def check_stats(outdir, mode):
+def check_stats(outdir, modes):
     failures = []
+    # backing,guest: the check of the base region reads more; judge by the workload.
+    mode = modes.split(",")[-1]
     with open(os.path.join(outdir, "info.json")) as f:
         negotiated = json.load(f)["frontend"]
     with open(os.path.join(outdir, "stats.json")) as f:
@@ -53,6 +56,13 @@ def check_stats(outdir, mode):
                 failures.append("%s = %d on a read-only disk" % (key, total(key)))
         if total("bytes_read") < MIN_READ_RO:
             failures.append("bytes_read %d < %d" % (total("bytes_read"), MIN_READ_RO))
+    elif mode == "stream":
+        # At least one 64 KiB block written and read back, and the final fsync.
+        if total("bytes_written") < 65536 or total("bytes_read") < 65536:
+            failures.append("stream: %d bytes written, %d read"
+                            % (total("bytes_written"), total("bytes_read")))
+        if total("flushes") == 0:
+            failures.append("no flush served (the guest fsynced)")
     else:
         if total("bytes_written") < MIN_WRITTEN:
             failures.append("bytes_written %d < %d" % (total("bytes_written"), MIN_WRITTEN))
