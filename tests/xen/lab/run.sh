@@ -20,7 +20,9 @@ DEV=51712   # xvda
 #   CASE_ARG=seconds  how long the guest's stream writes
 #   CASE_DESTROY=1    the guest is destroyed mid-I/O: it reports nothing, and serve's stats
 #                     (taken before the destroy) are judged by the during function
-reset_case() { CASE_SPAWN=0; CASE_DURING=""; CASE_VERIFY=verify; CASE_TOP=""; CASE_ARG=""; CASE_DESTROY=0; }
+#   CASE_EXPECT="persistent=1 indirect=1 queues=2 order=2"  what must have been negotiated,
+#                     by serve's account and by blkfront's own dmesg line (ftctl.py)
+reset_case() { CASE_SPAWN=0; CASE_DURING=""; CASE_VERIFY=verify; CASE_TOP=""; CASE_ARG=""; CASE_DESTROY=0; CASE_EXPECT=""; }
 reset_case
 
 # Checks that apply after every guest, whatever the case: nothing left behind.
@@ -123,6 +125,9 @@ ft_case() {
   T "XENSTORE backend: $(grep -E 'feature-|max-ring|multi-queue|sectors|info|state' $out/backend-keys.txt | tr -s ' ' | tr '\n' ' ')"
   if python3 -c "import json,sys; sys.exit(0 if json.load(open('$out/info.json')).get('frontend') else 1)" 2>/dev/null; then
     T "NEGOTIATED $name: $(python3 -c "import json; print(json.dumps(json.load(open('$out/info.json'))['frontend']))")"
+    if [ -n "$CASE_EXPECT" ]; then
+      python3 $FTX/ftctl.py check-negotiated $out "$CASE_EXPECT" || fails="$fails negotiation"
+    fi
   else
     fails="$fails no-connect"; cat $out/info.json
   fi
@@ -253,19 +258,22 @@ kill -0 $shimpid 2>/dev/null && T "blkback-shim pid $shimpid" || T "RESULT FAIL 
 #    requests, persistent grants; io_uring. blkfront keeps a page per grant it may use (ring
 #    entries x (segments + indirect pages) per queue): 128 x 65 x 2 pages = 65 MiB here.
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
-CASE_DURING=run_canaries
+CASE_DURING=run_canaries; CASE_EXPECT="persistent=1 indirect=1 queues=2 order=2"
 ft_case raw-all /lab/ft-disk.raw raw \
   max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512 guest --engine uring
 # 2. A second guest on the same image, read-only (mode=r, serve --read-only, info=4): it
 #    reads what the first guest wrote and cannot write. One page, one queue.
+CASE_EXPECT="persistent=1 indirect=1 queues=1 order=1"
 ft_case raw-read-only /lab/ft-disk.raw raw max_ring_page_order=1 1 256 readonly --read-only
 # 3. Each feature off in turn, as a frontend without it would negotiate.
 #    Without persistent grants: grant copy.
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
+CASE_EXPECT="persistent=0 indirect=1 queues=2 order=2"
 ft_case raw-no-persistent /lab/ft-disk.raw raw \
   feature_persistent=0,max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512 guest
 #    One queue (2 vCPUs share it).
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
+CASE_EXPECT="persistent=1 indirect=1 queues=1 order=2"
 ft_case raw-one-queue /lab/ft-disk.raw raw \
   max_ring_page_order=2,max_queues=1,max_indirect_segments=64 2 512 guest
 #    One-page ring, on a qcow2 whose backing file holds data (read through the overlay),
@@ -274,7 +282,7 @@ rm -f /lab/ft-base.raw /lab/ft-top.qcow2
 truncate -s 256M /lab/ft-base.raw && $FTX/ftcheck fill-base /lab/ft-base.raw > /dev/null
 qemu-img create -q -f qcow2 -b /lab/ft-base.raw -F raw /lab/ft-top.qcow2
 base_sum=$(md5sum < /lab/ft-base.raw)
-CASE_VERIFY=verify-backing
+CASE_VERIFY=verify-backing; CASE_EXPECT="persistent=1 indirect=1 queues=2 order=0"
 ft_case qcow2-backing-one-page /lab/ft-top.qcow2 qcow2 \
   max_ring_page_order=0,max_queues=2,max_indirect_segments=256 2 512 backing,guest --engine aio
 [ "$(md5sum < /lab/ft-base.raw)" = "$base_sum" ] && T "the qcow2's backing file is unchanged" \
@@ -287,7 +295,7 @@ truncate -s 256M /lab/ft-base.raw && $FTX/ftcheck fill-base /lab/ft-base.raw > /
 $FTX/ferrotap img convert -O vpc /lab/ft-base.raw /lab/ft-base.vhd
 $FTX/ferrotap img create -q -f vhd -b /lab/ft-base.vhd /lab/ft-child.vhd
 base_sum=$(md5sum < /lab/ft-base.vhd)
-CASE_VERIFY=verify-backing
+CASE_VERIFY=verify-backing; CASE_EXPECT="persistent=1 indirect=0 queues=2 order=2"
 ft_case vhd-chain-no-indirect /lab/ft-child.vhd vhd \
   max_ring_page_order=2,max_queues=2,max_indirect_segments=0 2 512 backing,guest
 [ "$(md5sum < /lab/ft-base.vhd)" = "$base_sum" ] && T "the VHD parent is unchanged" \
@@ -298,7 +306,7 @@ rm -f /lab/ft-base.raw /lab/ft-base.vhd /lab/ft-child.vhd
 #    must not change after the snapshot.
 rm -f /lab/ft-disk.raw /lab/ft-leaf.qcow2; truncate -s 256M /lab/ft-disk.raw
 CASE_DURING=lifecycle; CASE_VERIFY=verify-stream; CASE_TOP=/lab/ft-leaf.qcow2
-CASE_ARG=60
+CASE_ARG=60; CASE_EXPECT="persistent=1 indirect=1 queues=2 order=2"
 ft_case lifecycle /lab/ft-disk.raw qcow2 \
   max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512 stream
 if [ -f /run/ft-lifecycle/base.md5 ] && [ "$(md5sum < /lab/ft-disk.raw)" = "$(cat /run/ft-lifecycle/base.md5)" ]; then
