@@ -1,4 +1,6 @@
-/* ftcheck: the disk workload of the first-contact lab test, and its dom0-side check.
+/* ftcheck: the disk workloads of the real-Xen lab test, and their dom0-side checks.
+ *
+ *   ftcheck MODE[,MODE...] DEV|FILE [SECONDS]   runs the modes in order, one RESULT line.
  *
  *   ftcheck guest DEV    (in the domU, on /dev/xvda served by ferrotap through blkfront)
  *       writes known patterns with O_DIRECT (4 KiB, sub-page, 1 MiB, 8 MiB from one process per
@@ -10,6 +12,14 @@
  *   ftcheck verify FILE  (in dom0, on the raw image file, or on a raw export of a qcow2)
  *       checks the same patterns at the same offsets in the file, the discarded region reads
  *       as zeros, untouched regions are zeros; prints "VERIFY: RESULT PASS|FAIL".
+ *   ftcheck fill-base FILE      (dom0) writes the base region (8 MiB at 128 MiB) into a raw
+ *       file that becomes the bottom of a chain; `backing` (guest) and `verify-backing`
+ *       (dom0) check that it reads through the layers above it.
+ *   ftcheck stream DEV SECONDS  (guest) writes 64 KiB blocks one after the other from
+ *       136 MiB on for SECONDS (at most 112 MiB), 20 ms apart so that dom0 has time to act
+ *       while the guest writes, fsyncs, reads every block back; prints
+ *       "DOMU: stream wrote N blocks". dom0 pauses, unpauses and snapshots the VBD meanwhile.
+ *   ftcheck verify-stream FILE N (dom0) the N blocks are in the file.
  *
  * Both modes share one pattern generator, so dom0 checks what the guest meant to write and
  * not what ferrotap reads back. Static build: gcc -O2 -static -o ftcheck ftcheck.c
@@ -26,6 +36,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KIB 1024ULL
@@ -87,6 +98,15 @@ static const struct region written[] = {
 #define DISCARD_OFF (96 * MIB)
 #define DISCARD_LEN (1 * MIB)
 #define DISCARD_SEED 6
+/* Written by dom0 into the bottom layer of a chain (fill-base); never written by the guest. */
+#define BASE_OFF (128 * MIB)
+#define BASE_LEN (8 * MIB)
+#define BASE_SEED 7
+/* The stream: 64 KiB blocks from 136 MiB on, at most 64 MiB. */
+#define STREAM_OFF (136 * MIB)
+#define STREAM_BLOCK (64 * KIB)
+#define STREAM_MAX_BLOCKS 1792 /* up to 248 MiB: the disk is 256 MiB */
+#define STREAM_SEED 8
 /* Never written: zeros. */
 static const struct region untouched[] = {
     {"first 1MiB", 0, 1 * MIB, 0, 0},
@@ -335,25 +355,148 @@ static int verify(const char *path)
     return failures != 0;
 }
 
+/* Checks of a device or file through fd; `guest`'s regions are not touched. */
+static void check_base(int fd)
+{
+    check(fd, "8MiB@128MiB from the bottom of the chain", BASE_OFF, BASE_LEN, BASE_SEED, 0);
+}
+
+static int backing(const char *dev)
+{
+    int fd = open(dev, O_RDONLY | O_DIRECT);
+    if (fd < 0) {
+        fail("open %s O_RDONLY|O_DIRECT: %s", dev, strerror(errno));
+        return 1;
+    }
+    check_base(fd);
+    close(fd);
+    return failures != 0;
+}
+
+static int fill_base(const char *path)
+{
+    int fd = open(path, O_WRONLY);
+    if (fd < 0) {
+        fail("open %s: %s", path, strerror(errno));
+        return 1;
+    }
+    struct region r = {"8MiB@128MiB (base)", BASE_OFF, BASE_LEN, BASE_SEED, 0};
+    write_region(fd, &r);
+    if (fsync(fd) != 0)
+        fail("fsync %s: %s", path, strerror(errno));
+    close(fd);
+    return failures != 0;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int stream(const char *dev, double seconds)
+{
+    int fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd < 0) {
+        fail("open %s O_DIRECT: %s", dev, strerror(errno));
+        return 1;
+    }
+    uint8_t *buf = alloc_buf(STREAM_BLOCK);
+    double start = now_seconds(), slowest = 0;
+    unsigned blocks = 0;
+    while (blocks < STREAM_MAX_BLOCKS && now_seconds() - start < seconds) {
+        uint64_t off = STREAM_OFF + (uint64_t)blocks * STREAM_BLOCK;
+        fill(buf, off, STREAM_BLOCK, STREAM_SEED);
+        double t = now_seconds();
+        if (pwrite_all(fd, buf, STREAM_BLOCK, off) != 0)
+            break;
+        if (now_seconds() - t > slowest)
+            slowest = now_seconds() - t;
+        blocks++;
+        usleep(20000);
+        if (blocks % 64 == 0)
+            say("stream: %u blocks after %.1f s", blocks, now_seconds() - start);
+    }
+    say("stream wrote %u blocks (slowest write %.2f s, a pause shows here)", blocks, slowest);
+    if (fsync(fd) != 0)
+        fail("fsync: %s", strerror(errno));
+    else
+        say("fsync ok");
+    if (blocks == 0)
+        fail("no block written");
+    else
+        check(fd, "the stream", STREAM_OFF, (size_t)blocks * STREAM_BLOCK, STREAM_SEED, 0);
+    free(buf);
+    close(fd);
+    return failures != 0;
+}
+
+static int verify_stream(const char *path, unsigned blocks)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        fail("open %s: %s", path, strerror(errno));
+        return 1;
+    }
+    if (blocks == 0 || blocks > STREAM_MAX_BLOCKS)
+        fail("%u stream blocks to verify", blocks);
+    else
+        check(fd, "the stream", STREAM_OFF, (size_t)blocks * STREAM_BLOCK, STREAM_SEED, 0);
+    close(fd);
+    return failures != 0;
+}
+
+static int verify_backing(const char *path)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        fail("open %s: %s", path, strerror(errno));
+        return 1;
+    }
+    check_all(fd);
+    check_base(fd);
+    close(fd);
+    return failures != 0;
+}
+
+static int run_mode(const char *mode, const char *target, const char *arg)
+{
+    if (strcmp(mode, "guest") == 0)
+        return guest(target);
+    if (strcmp(mode, "readonly") == 0)
+        return readonly(target);
+    if (strcmp(mode, "backing") == 0)
+        return backing(target);
+    if (strcmp(mode, "stream") == 0 && arg)
+        return stream(target, atof(arg));
+    prefix = "VERIFY";
+    if (strcmp(mode, "verify") == 0)
+        return verify(target);
+    if (strcmp(mode, "verify-backing") == 0)
+        return verify_backing(target);
+    if (strcmp(mode, "verify-stream") == 0 && arg)
+        return verify_stream(target, (unsigned)strtoul(arg, NULL, 10));
+    if (strcmp(mode, "fill-base") == 0)
+        return fill_base(target);
+    fail("unknown mode %s (or its argument is missing)", mode);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 3 && strcmp(argv[1], "guest") == 0) {
-        int rc = guest(argv[2]);
-        say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
-        return rc;
+    if (argc < 3 || argc > 4) {
+        fprintf(stderr, "usage: ftcheck MODE[,MODE...] DEV|FILE [SECONDS|BLOCKS]\n"
+                        "  modes: guest readonly backing stream (guest); verify verify-backing"
+                        " verify-stream fill-base (dom0)\n");
+        return 2;
     }
-    if (argc == 3 && strcmp(argv[1], "readonly") == 0) {
-        int rc = readonly(argv[2]);
-        say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
-        return rc;
-    }
-    if (argc == 3 && strcmp(argv[1], "verify") == 0) {
-        prefix = "VERIFY";
-        int rc = verify(argv[2]);
-        say("RESULT %s (%d failures)", rc ? "FAIL" : "PASS", failures);
-        return rc;
-    }
-    fprintf(stderr, "usage: ftcheck guest DEV | ftcheck readonly DEV | ftcheck verify FILE\n");
-    return 2;
+    int rc = 0;
+    char *modes = strdup(argv[1]), *save = NULL;
+    for (char *m = strtok_r(modes, ",", &save); m; m = strtok_r(NULL, ",", &save))
+        rc |= run_mode(m, argv[2], argc == 4 ? argv[3] : NULL);
+    free(modes);
+    say("RESULT %s (%d failures)", rc || failures ? "FAIL" : "PASS", failures);
+    return rc || failures;
 }

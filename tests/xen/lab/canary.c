@@ -89,7 +89,7 @@ int main(int argc, char **argv) {
   uint64_t seed = (uint64_t)getpid() << 32;
   while (time(NULL) < end) { 
 #ifdef __AVX2__
-    if (mode == 2) bad += ymm_round(seed++); else
+    if (mode == 2) { bad += ymm_round(seed++); rounds++; continue; }
 #endif
     bad += mode == 1 ? xmm_round(seed++) : heap_round(seed++); rounds++; }
   printf("CANARY %s pid %d: %ld rounds, %ld bad\n", argv[1], getpid(), rounds, bad);

@@ -1,14 +1,24 @@
 #!/usr/bin/python3
-"""dom0 helpers of the first-contact test.
+"""dom0 helpers of the real-Xen lab test.
+
+ftctl.py check-negotiated OUTDIR EXPECT
+                                   EXPECT is "persistent=1 indirect=1 queues=2 order=2":
+                                   what serve says it connected (OUTDIR/info.json,
+                                   `ferrotap ctl info`) and what the guest's blkfront said
+                                   it uses (its dmesg line in OUTDIR/console.log) must
+                                   match; prints "NEGOTIATION: ..." lines, exit 1 on a
+                                   mismatch
 
 ftctl.py check-stats OUTDIR MODE   judge OUTDIR/stats.json (`ferrotap ctl stats` after the
                                    disconnect) against OUTDIR/info.json (`ferrotap ctl info`
                                    while connected: its "frontend") and the guest's
-                                   workload (MODE: ftcheck's guest or readonly); prints
+                                   workload (MODE: ftcheck's modes, e.g. guest,
+                                   readonly, backing,guest or stream); prints
                                    "STATS: ..." lines, exit 1 on a failure
 """
 import json
 import os
+import re
 import sys
 
 # What ftcheck's guest mode moves at least (bytes): written regions + the 8 MiB from the
@@ -20,8 +30,10 @@ MIN_READ = MIN_WRITTEN + (1 << 20) + (1 << 20) + 4096
 MIN_READ_RO = MIN_WRITTEN + (1 << 20) + 4096
 
 
-def check_stats(outdir, mode):
+def check_stats(outdir, modes):
     failures = []
+    # backing,guest: the check of the base region reads more; judge by the workload.
+    mode = modes.split(",")[-1]
     with open(os.path.join(outdir, "info.json")) as f:
         negotiated = json.load(f)["frontend"]
     with open(os.path.join(outdir, "stats.json")) as f:
@@ -53,6 +65,13 @@ def check_stats(outdir, mode):
                 failures.append("%s = %d on a read-only disk" % (key, total(key)))
         if total("bytes_read") < MIN_READ_RO:
             failures.append("bytes_read %d < %d" % (total("bytes_read"), MIN_READ_RO))
+    elif mode == "stream":
+        # At least one 64 KiB block written and read back, and the final fsync.
+        if total("bytes_written") < 65536 or total("bytes_read") < 65536:
+            failures.append("stream: %d bytes written, %d read"
+                            % (total("bytes_written"), total("bytes_read")))
+        if total("flushes") == 0:
+            failures.append("no flush served (the guest fsynced)")
     else:
         if total("bytes_written") < MIN_WRITTEN:
             failures.append("bytes_written %d < %d" % (total("bytes_written"), MIN_WRITTEN))
@@ -72,9 +91,42 @@ def check_stats(outdir, mode):
     return 1 if failures else 0
 
 
+def check_negotiated(outdir, expect):
+    want = dict(item.split("=", 1) for item in expect.split())
+    with open(os.path.join(outdir, "info.json")) as f:
+        frontend = json.load(f)["frontend"]
+    # "blkfront: xvda: flush diskcache: enabled; persistent grants: enabled; indirect
+    # descriptors: enabled; bounce buffer: ..."
+    blkfront = {}
+    with open(os.path.join(outdir, "console.log"), errors="replace") as f:
+        for line in f:
+            found = re.search(r"persistent grants: (\w+); indirect descriptors: (\w+)", line)
+            if found:
+                blkfront = {"persistent": found.group(1), "indirect": found.group(2)}
+    seen = {
+        "persistent (serve)": str(int(bool(frontend.get("persistent")))),
+        "queues (serve)": str(frontend.get("queues")),
+        "order (serve)": str(frontend.get("ring_page_order")),
+        "persistent (blkfront)": {"enabled": "1", "disabled": "0"}.get(blkfront.get("persistent"), "?"),
+        "indirect (blkfront)": {"enabled": "1", "disabled": "0"}.get(blkfront.get("indirect"), "?"),
+    }
+    failures = []
+    for name, value in seen.items():
+        key = name.split()[0]
+        if key in want and want[key] != value:
+            failures.append("%s = %s, expected %s" % (name, value, want[key]))
+    print("NEGOTIATION: " + " ".join("%s=%s" % (k.replace(" ", ""), v) for k, v in seen.items()))
+    for failure in failures:
+        print("NEGOTIATION: FAIL " + failure)
+    print("NEGOTIATION: %s" % ("FAIL" if failures else "ok (expected %s)" % expect))
+    return 1 if failures else 0
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "check-stats":
         return check_stats(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] == "check-negotiated":
+        return check_negotiated(sys.argv[2], sys.argv[3])
     print(__doc__, file=sys.stderr)
     return 2
 
