@@ -420,6 +420,13 @@ impl QueueThread {
             {
                 return Ok(true);
             }
+            // I/O in flight on a device: its completion wakes the thread, and spinning for
+            // it only takes CPU that the device's own work needs (measured: 4 KiB random
+            // reads at QD32 on a disk file lost 10-15% to it). The window is for requests,
+            // and for I/O that completes as it is submitted (tmpfs with native AIO).
+            if self.engine.in_flight() > 0 {
+                return Ok(false);
+            }
             if Instant::now() >= deadline {
                 return Ok(false);
             }
