@@ -271,11 +271,11 @@ rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
 CASE_EXPECT="persistent=0 indirect=1 queues=2 order=2"
 ft_case raw-no-persistent /lab/ft-disk.raw raw \
   feature_persistent=0,max_ring_page_order=2,max_queues=2,max_indirect_segments=64 2 512 guest
-#    One queue (2 vCPUs share it).
+#    No indirect segments (at most 11 per request).
 rm -f /lab/ft-disk.raw; truncate -s 256M /lab/ft-disk.raw
-CASE_EXPECT="persistent=1 indirect=1 queues=1 order=2"
-ft_case raw-one-queue /lab/ft-disk.raw raw \
-  max_ring_page_order=2,max_queues=1,max_indirect_segments=64 2 512 guest
+CASE_EXPECT="persistent=1 indirect=0 queues=2 order=2"
+ft_case raw-no-indirect /lab/ft-disk.raw raw \
+  max_ring_page_order=2,max_queues=2,max_indirect_segments=0 2 512 guest
 #    One-page ring, on a qcow2 whose backing file holds data (read through the overlay),
 #    with the native AIO engine; qemu-img makes and checks it, the base must stay unchanged.
 rm -f /lab/ft-base.raw /lab/ft-top.qcow2
@@ -288,18 +288,18 @@ ft_case qcow2-backing-one-page /lab/ft-top.qcow2 qcow2 \
 [ "$(md5sum < /lab/ft-base.raw)" = "$base_sum" ] && T "the qcow2's backing file is unchanged" \
   || T "RESULT FAIL xen-lab qcow2-backing-one-page: the backing file was written"
 rm -f /lab/ft-base.raw /lab/ft-top.qcow2
-#    No indirect segments (max 11 per request), on a differencing VHD chain: a dynamic VHD
-#    holding the base data (converted from raw) under a differencing child, made by ferrotap.
+#    One queue (2 vCPUs share it), on a differencing VHD chain: a dynamic VHD holding the
+#    base data (converted from raw) under a differencing child, made by ferrotap.
 rm -f /lab/ft-base.raw /lab/ft-base.vhd /lab/ft-child.vhd
 truncate -s 256M /lab/ft-base.raw && $FTX/ftcheck fill-base /lab/ft-base.raw > /dev/null
 $FTX/ferrotap img convert -O vpc /lab/ft-base.raw /lab/ft-base.vhd
 $FTX/ferrotap img create -q -f vhd -b /lab/ft-base.vhd /lab/ft-child.vhd
 base_sum=$(md5sum < /lab/ft-base.vhd)
-CASE_VERIFY=verify-backing; CASE_EXPECT="persistent=1 indirect=0 queues=2 order=2"
-ft_case vhd-chain-no-indirect /lab/ft-child.vhd vhd \
-  max_ring_page_order=2,max_queues=2,max_indirect_segments=0 2 512 backing,guest
+CASE_VERIFY=verify-backing; CASE_EXPECT="persistent=1 indirect=1 queues=1 order=2"
+ft_case vhd-chain-one-queue /lab/ft-child.vhd vhd \
+  max_ring_page_order=2,max_queues=1,max_indirect_segments=64 2 512 backing,guest
 [ "$(md5sum < /lab/ft-base.vhd)" = "$base_sum" ] && T "the VHD parent is unchanged" \
-  || T "RESULT FAIL xen-lab vhd-chain-no-indirect: the parent VHD was written"
+  || T "RESULT FAIL xen-lab vhd-chain-one-queue: the parent VHD was written"
 rm -f /lab/ft-base.raw /lab/ft-base.vhd /lab/ft-child.vhd
 # 4. Lifecycle while the guest writes: pause, unpause, then a snapshot onto a new qcow2
 #    leaf; every block the guest wrote must be in the chain afterwards and the old image
