@@ -55,6 +55,7 @@ if [ -n "$LOG" ]; then
 fi
 echo "xen-lab: lab exit status $rc after $(( $(date +%s) - started )) s; serial log $LOG"
 if [ -n "$LOG" ]; then
-  grep -aE 'RESULT|NEGOTIATED|STATS: (ok|FAIL|total)|DURING:|DOM0-|ENV:' "$LOG" | cut -c1-300 || true
+  grep -aE 'RESULT|NEGOTIATED|NEGOTIATION: (ok|FAIL)|STATS: (ok|FAIL|total)|DURING:|DOM0-|ENV:' "$LOG" | cut -c1-300 || true
+  echo "xen-lab: $(grep -ac 'RESULT PASS xen-lab' "$LOG") results passed, $(grep -ac 'RESULT FAIL' "$LOG") failed"
 fi
 exit $rc

@@ -113,6 +113,15 @@ static const struct region untouched[] = {
     {"4k@200MiB", 200 * MIB, 4 * KIB, 0, 0},
 };
 
+/* open(2), or a FAIL line naming the path and flags. */
+static int open_or_fail(const char *path, int flags)
+{
+    int fd = open(path, flags);
+    if (fd < 0)
+        fail("open %s (flags 0x%x): %s", path, flags, strerror(errno));
+    return fd;
+}
+
 static uint8_t *alloc_buf(size_t len)
 {
     void *p = NULL;
@@ -209,11 +218,9 @@ static int guest(const char *dev)
         ncpu = 1;
     say("%ld online CPUs", ncpu);
 
-    int fd = open(dev, O_RDWR | O_DIRECT);
-    if (fd < 0) {
-        fail("open %s O_DIRECT: %s", dev, strerror(errno));
+    int fd = open_or_fail(dev, O_RDWR | O_DIRECT);
+    if (fd < 0)
         return 1;
-    }
     unsigned long long bytes = 0;
     if (ioctl(fd, BLKGETSIZE64, &bytes) != 0 || bytes < 256 * MIB)
         fail("disk size %llu bytes (want >= 256 MiB)", bytes);
@@ -325,11 +332,9 @@ static int readonly(const char *dev)
     } else {
         say("open for writing refused: %s", strerror(errno));
     }
-    fd = open(dev, O_RDONLY | O_DIRECT);
-    if (fd < 0) {
-        fail("open %s O_RDONLY|O_DIRECT: %s", dev, strerror(errno));
+    fd = open_or_fail(dev, O_RDONLY | O_DIRECT);
+    if (fd < 0)
         return 1;
-    }
     check_all(fd);
     close(fd);
     return failures != 0;
@@ -337,11 +342,9 @@ static int readonly(const char *dev)
 
 static int verify(const char *path)
 {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        fail("open %s: %s", path, strerror(errno));
+    int fd = open_or_fail(path, O_RDONLY);
+    if (fd < 0)
         return 1;
-    }
     check_all(fd);
     /* A discard on a raw file punches a hole: no data in the discarded range. */
     off_t data = lseek(fd, (off_t)DISCARD_OFF, SEEK_DATA);
@@ -363,11 +366,9 @@ static void check_base(int fd)
 
 static int backing(const char *dev)
 {
-    int fd = open(dev, O_RDONLY | O_DIRECT);
-    if (fd < 0) {
-        fail("open %s O_RDONLY|O_DIRECT: %s", dev, strerror(errno));
+    int fd = open_or_fail(dev, O_RDONLY | O_DIRECT);
+    if (fd < 0)
         return 1;
-    }
     check_base(fd);
     close(fd);
     return failures != 0;
@@ -375,11 +376,9 @@ static int backing(const char *dev)
 
 static int fill_base(const char *path)
 {
-    int fd = open(path, O_WRONLY);
-    if (fd < 0) {
-        fail("open %s: %s", path, strerror(errno));
+    int fd = open_or_fail(path, O_WRONLY);
+    if (fd < 0)
         return 1;
-    }
     struct region r = {"8MiB@128MiB (base)", BASE_OFF, BASE_LEN, BASE_SEED, 0};
     write_region(fd, &r);
     if (fsync(fd) != 0)
@@ -397,11 +396,9 @@ static double now_seconds(void)
 
 static int stream(const char *dev, double seconds)
 {
-    int fd = open(dev, O_RDWR | O_DIRECT);
-    if (fd < 0) {
-        fail("open %s O_DIRECT: %s", dev, strerror(errno));
+    int fd = open_or_fail(dev, O_RDWR | O_DIRECT);
+    if (fd < 0)
         return 1;
-    }
     uint8_t *buf = alloc_buf(STREAM_BLOCK);
     double start = now_seconds(), slowest = 0;
     unsigned blocks = 0;
@@ -434,11 +431,9 @@ static int stream(const char *dev, double seconds)
 
 static int verify_stream(const char *path, unsigned blocks)
 {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        fail("open %s: %s", path, strerror(errno));
+    int fd = open_or_fail(path, O_RDONLY);
+    if (fd < 0)
         return 1;
-    }
     if (blocks == 0 || blocks > STREAM_MAX_BLOCKS)
         fail("%u stream blocks to verify", blocks);
     else
@@ -449,11 +444,9 @@ static int verify_stream(const char *path, unsigned blocks)
 
 static int verify_backing(const char *path)
 {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        fail("open %s: %s", path, strerror(errno));
+    int fd = open_or_fail(path, O_RDONLY);
+    if (fd < 0)
         return 1;
-    }
     check_all(fd);
     check_base(fd);
     close(fd);
