@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::host::SimHost;
+use common::host::{Serve, SimHost};
 use common::run_ok;
 use serde_json::json;
+use tempfile::TempDir;
 
 fn uri(socket: &Path) -> String {
     format!("nbd+unix:///?socket={}", socket.display())
@@ -41,6 +42,18 @@ fn wait_for_socket(path: &Path) {
     }
 }
 
+/// A simulated host whose serve exports a new qcow2 (in /var/tmp: O_DIRECT) over NBD:
+/// (host, the image's directory, image, NBD socket, serve), in the order they are made.
+fn live_export(name: &str, mib: u64) -> (SimHost, TempDir, PathBuf, PathBuf, Serve) {
+    let host = SimHost::new();
+    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let image = qcow2(disk.path(), name, mib);
+    let socket = host.path().join("live.nbd");
+    let serve = host.serve("vbd", &image, &["--nbd", socket.to_str().unwrap()]);
+    wait_for_socket(&socket);
+    (host, disk, image, socket, serve)
+}
+
 /// `qemu-img compare` of the export against an image file (opened with -U: serve has it
 /// open read-write and takes no qemu lock, qemu-img must not wait for one).
 fn compare(socket: &Path, image: &Path) -> Output {
@@ -54,12 +67,7 @@ fn compare(socket: &Path, image: &Path) -> Output {
 
 #[test]
 fn live_export_reads_what_the_guest_writes_and_refuses_writes() {
-    let host = SimHost::new();
-    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let image = qcow2(disk.path(), "vm.qcow2", 64);
-    let socket = host.path().join("live.nbd");
-    let serve = host.serve("vbd", &image, &["--nbd", socket.to_str().unwrap()]);
-    wait_for_socket(&socket);
+    let (host, disk, image, socket, serve) = live_export("vm.qcow2", 64);
 
     // The guest writes while nbdcopy reads the whole disk, more than once.
     let guest = common::host::ferrotap()
@@ -97,9 +105,8 @@ fn live_export_reads_what_the_guest_writes_and_refuses_writes() {
     let same = compare(&socket, &image);
     assert!(
         same.status.success(),
-        "export differs from the image: {}{}",
-        String::from_utf8_lossy(&same.stdout),
-        String::from_utf8_lossy(&same.stderr)
+        "export differs from the image: {}",
+        common::output_text(&same)
     );
     // ...and that disk holds the guest's writes: it is not the empty disk.
     let empty = qcow2(disk.path(), "empty.qcow2", 64);
@@ -115,11 +122,7 @@ fn live_export_reads_what_the_guest_writes_and_refuses_writes() {
         .arg(uri(&socket))
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&write.stdout),
-        String::from_utf8_lossy(&write.stderr)
-    );
+    let said = common::output_text(&write);
     assert!(
         !write.status.success()
             || said.contains("read-only")
@@ -133,12 +136,7 @@ fn live_export_reads_what_the_guest_writes_and_refuses_writes() {
 
 #[test]
 fn live_export_waits_through_a_pause_and_follows_the_new_leaf() {
-    let host = SimHost::new();
-    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let image = qcow2(disk.path(), "old.qcow2", 32);
-    let socket = host.path().join("live.nbd");
-    let serve = host.serve("vbd", &image, &["--nbd", socket.to_str().unwrap()]);
-    wait_for_socket(&socket);
+    let (host, disk, image, socket, serve) = live_export("old.qcow2", 32);
     host.blkfront_ok(&serve, &["--workload", "verify", "--ops", "1500"]);
 
     let paused = serve.ctl(&json!({"op": "pause"}));
@@ -172,9 +170,8 @@ fn live_export_waits_through_a_pause_and_follows_the_new_leaf() {
     let (same, waited) = reader.join().unwrap();
     assert!(
         same.status.success(),
-        "export after unpause differs from the new leaf: {}{}",
-        String::from_utf8_lossy(&same.stdout),
-        String::from_utf8_lossy(&same.stderr)
+        "export after unpause differs from the new leaf: {}",
+        common::output_text(&same)
     );
     assert!(waited >= Duration::from_millis(700), "{waited:?}");
     // The guest writes on after the snapshot; the export follows the new leaf.

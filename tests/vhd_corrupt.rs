@@ -215,11 +215,7 @@ fn bat_entries_out_of_range_into_metadata_or_overlapping() {
         .arg(&path)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("BAT entry 1") && text.contains("BAT entry 2"),

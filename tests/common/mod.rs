@@ -21,11 +21,19 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is the oracle installed?)"));
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{cmd:?} failed: {}",
+        output_text(&out)
     );
     out
+}
+
+/// A finished command's stdout and then its stderr, as text (for messages and searches).
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Open an image chain read-write.
