@@ -499,6 +499,37 @@ fn a_backend_reattaching_rereads_the_unanswered_requests() {
     assert_eq!(front.next_response(), Some(response_for(&request(10, 2))));
 }
 
+/// A polling backend mutes request notifications: however many requests the frontend
+/// pushes, RING_PUSH_REQUESTS_AND_CHECK_NOTIFY says none is needed, at any index (wrapping
+/// included), until the final check before sleeping arms them again.
+#[test]
+fn muted_request_notifications_stay_off_until_the_final_check() {
+    for start in [0u32, u32::MAX - 5, 0x7fff_fff0, 0x8000_0000] {
+        let mut memory = RingMemory::new(1);
+        let (mut front, mut back) = rings(&mut memory, Protocol::X86_64, start);
+        back.mute_request_notifications();
+        let mut id = 0;
+        // Pushes of 1 to 8 requests, each taken and answered, past the ring's size.
+        for count in (1..=8).cycle().take(24) {
+            for _ in 0..count {
+                assert!(front.put_request(&request(id, 0)));
+                id += 1;
+            }
+            assert!(!front.push_requests(), "muted, start {start:#x}, id {id}");
+            while let Some(taken) = back.next_request().unwrap() {
+                back.put_response(&response_for(&taken));
+            }
+            back.push_responses();
+            while front.next_response().is_some() {}
+            // Muting again from the new position, as each polling window does.
+            back.mute_request_notifications();
+        }
+        assert!(!back.final_check_for_requests());
+        assert!(front.put_request(&request(id, 0)));
+        assert!(front.push_requests(), "armed again, start {start:#x}");
+    }
+}
+
 /// The two sides on two threads, each sleeping on a channel standing for its event channel:
 /// a missed notification hangs a side, and the test fails on its timeout.
 #[test]

@@ -135,10 +135,16 @@ fn raw_copy_and_persistent_both_protocols_both_engines() {
                 front: &["--ring-page-order", "2", "--queues", "2", "--persistent"],
             },
             // The frontend's hybrid wait (spinning for a lone request's response) against
-            // a serve that polls too (the default window) and one that never polls.
+            // a serve that polls too (the default window) and one that never polls; and
+            // with requests in flight (it spins then too when each side's queue has a
+            // core) against a polling serve, whose window mutes request notifications.
             Case {
                 serve: &["--engine", "uring"],
                 front: &["--iodepth", "1", "--poll-us", "200", "--persistent"],
+            },
+            Case {
+                serve: &["--engine", "aio"],
+                front: &["--iodepth", "8", "--poll-us", "200"],
             },
             Case {
                 serve: &["--engine", "aio", "--poll-us", "0"],

@@ -206,6 +206,18 @@ impl BackRing {
         Ok(Some(self.shared.protocol.decode_request(&copy)))
     }
 
+    /// Ask the frontend not to notify for requests it pushes from now on: `req_event` is
+    /// moved half the index space ahead, where RING_PUSH_REQUESTS_AND_CHECK_NOTIFY's
+    /// comparison never finds it crossed. For a backend about to poll the ring: a
+    /// notification left armed by its last sleep would cost the frontend a system call and
+    /// the backend a wake-up for a request it takes anyway. [`Self::final_check_for_requests`]
+    /// arms notifications again before any sleep.
+    pub fn mute_request_notifications(&mut self) {
+        self.shared
+            .word(REQ_EVENT)
+            .store(self.req_cons.wrapping_add(1 << 31), Ordering::Relaxed);
+    }
+
     /// RING_FINAL_CHECK_FOR_REQUESTS: sets `req_event` so the frontend notifies on its next
     /// request, then rechecks. True when requests arrived meanwhile (do not sleep).
     pub fn final_check_for_requests(&mut self) -> bool {

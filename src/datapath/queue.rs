@@ -347,7 +347,7 @@ impl QueueThread {
             // Sleep only after the final check (it also sets req_event so the frontend
             // notifies us), and only when we could take a request if one came. While
             // pausing, requests stay on the ring; resuming takes them without a notify.
-            // The polling window comes first: while it lasts req_event stays behind, so a
+            // The polling window comes first: while it lasts req_event is muted, so a
             // frontend that keeps the ring busy sends no notification (a system call on
             // each side, and a wake-up, saved per request).
             let can_take = taking && self.deferred.is_none() && !self.exclusive_running;
@@ -373,14 +373,18 @@ impl QueueThread {
         }
     }
 
-    /// Spin for up to `window` for work, reading memory only: the ring (requests are taken
-    /// without touching req_event), the engine's completion queue (`completions_ready`) and
+    /// Spin for up to `window` for work, reading memory only: the ring (req_event is muted
+    /// first: the one armed before the last sleep would still have the frontend notify
+    /// the next request, which the window takes anyway), the engine's completion queue (`completions_ready`) and
     /// the stop and pause flags. A system call only when something is there to collect,
     /// and, while worker jobs are out, a look at the engine's watches (its wake fd) every
     /// `WORKER_LOOK_SPINS` turns, which native AIO sees only in `wait`. True when work came
     /// (the caller goes round again), false when the window passed without any.
     fn busy_poll(&mut self, window: Duration, can_take: bool) -> Result<bool> {
         const WORKER_LOOK_SPINS: u32 = 64;
+        if can_take {
+            self.ring.mute_request_notifications();
+        }
         self.engine.submit()?;
         let pause = self.shared.pause.load(Ordering::Acquire);
         let deadline = Instant::now() + window;

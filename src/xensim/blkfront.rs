@@ -49,12 +49,13 @@ pub struct FrontConfig {
     pub slot_segments: Option<u32>,
     /// How long to wait for a response before calling the backend stuck.
     pub response_timeout: Duration,
-    /// Waiting for the response to a lone request (one in flight on the queue), spin this
-    /// long on the ring's `rsp_prod`, yielding the core on every turn, before sleeping (zero:
-    /// sleep at once). The load generator's choice, like fio's polled completions: while it
-    /// spins `rsp_event` stays behind, so the backend sends no notification. With more in
-    /// flight it sleeps at once: responses come in batches, and its spinning would take
-    /// the core the backend needs.
+    /// Waiting for responses, spin this long on the ring's `rsp_prod`, yielding the core on
+    /// every turn, before sleeping (zero: sleep at once). The load generator's choice, like
+    /// fio's polled completions: while it spins `rsp_event` stays behind, so the backend
+    /// sends no notification. It spins with any number of requests in flight when the host
+    /// has a core for each frontend queue and each backend queue; with fewer cores only for
+    /// a lone request, as with more in flight its spinning would take the core the backend
+    /// needs (measured: 4 KiB reads at QD32 with 2 queues on 2 cores, half the IOPS).
     pub poll: Duration,
 }
 
@@ -296,6 +297,8 @@ pub struct Queue {
     next_seq: u64,
     timeout: Duration,
     poll: Duration,
+    /// Spin with several requests in flight too (see [`FrontConfig::poll`]).
+    poll_busy: bool,
     /// A response found by spinning in [`Self::wait_responses`], consumed off the ring and
     /// not yet handed out.
     spun: Option<Response>,
@@ -588,14 +591,14 @@ impl Queue {
         self.spun.take().or_else(|| self.ring.0.next_response())
     }
 
-    /// Spin up to the poll window for the response to a lone request, reading `rsp_prod`
-    /// only (no `rsp_event` update: a backend answering meanwhile is not asked to notify).
-    /// True when one is there.
+    /// Spin up to the poll window for a response (with several in flight only when
+    /// `poll_busy`), reading `rsp_prod` only (no `rsp_event` update: a backend answering
+    /// meanwhile is not asked to notify). True when one is there.
     fn spin_for_response(&mut self) -> bool {
         if self.spun.is_some() {
             return true;
         }
-        if self.poll.is_zero() || self.in_flight > 1 {
+        if self.poll.is_zero() || (self.in_flight > 1 && !self.poll_busy) {
             return false;
         }
         let deadline = Instant::now() + self.poll;
@@ -751,8 +754,11 @@ impl Blkfront {
         let mut negotiated = negotiate(config, info)?;
         let (memory, grants) = create_guest(config, &negotiated)?;
         let grants = Arc::new(grants);
+        // Each frontend queue and each backend queue a core of its own: spinning steals none.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let poll_busy = 2 * negotiated.queues as usize <= cores;
         let queues = (0..negotiated.queues as usize)
-            .map(|index| build_queue(config, &negotiated, index, &memory, &grants))
+            .map(|index| build_queue(config, &negotiated, index, &memory, &grants, poll_busy))
             .collect::<Result<Vec<_>>>()?;
         let request = ConnectRequest {
             domid: config.domid,
@@ -917,6 +923,7 @@ fn build_queue(
     index: usize,
     memory: &GuestMemory,
     grants: &Arc<GrantTable>,
+    poll_busy: bool,
 ) -> Result<Queue> {
     let pages = 1usize << negotiated.ring_page_order;
     // Allocated in ascending frames, used in descending order: the ring's refs name
@@ -992,6 +999,7 @@ fn build_queue(
         next_seq: 1,
         timeout: config.response_timeout,
         poll: config.poll,
+        poll_busy,
         spun: None,
         segment_scratch: Vec::with_capacity(negotiated.slot_segments as usize),
         page_scratch: vec![0u8; PAGE_SIZE],
