@@ -375,11 +375,12 @@ impl QueueThread {
 
     /// Spin for up to `window` for work, reading memory only: the ring (req_event is muted
     /// first: the one armed before the last sleep would still have the frontend notify
-    /// the next request, which the window takes anyway), the engine's completion queue (`completions_ready`) and
-    /// the stop and pause flags. A system call only when something is there to collect,
-    /// and, while worker jobs are out, a look at the engine's watches (its wake fd) every
-    /// `WORKER_LOOK_SPINS` turns, which native AIO sees only in `wait`. True when work came
-    /// (the caller goes round again), false when the window passed without any.
+    /// the next request, which the window takes anyway), the engine's completion queue
+    /// (`completions_ready`) and the stop and pause flags. A system call only when something
+    /// is there to collect, and, while worker jobs are out, a look at the engine's watches
+    /// (its wake fd) every `WORKER_LOOK_SPINS` turns, which native AIO sees only in `wait`.
+    /// True when work came (the caller goes round again), false when the window passed
+    /// without any.
     fn busy_poll(&mut self, window: Duration, can_take: bool) -> Result<bool> {
         const WORKER_LOOK_SPINS: u32 = 64;
         if can_take {
