@@ -368,6 +368,12 @@ impl FrontRing {
         rsp_prod.wrapping_sub(self.rsp_cons).min(self.outstanding())
     }
 
+    /// Whether responses wait to be consumed (RING_HAS_UNCONSUMED_RESPONSES), reading
+    /// `rsp_prod` only.
+    pub fn has_unconsumed_responses(&self) -> bool {
+        self.unconsumed() > 0
+    }
+
     /// The next unconsumed response, if any.
     pub fn next_response(&mut self) -> Option<Response> {
         // Acquire inside `unconsumed`: the response bytes are visible after rsp_prod.

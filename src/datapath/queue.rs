@@ -362,15 +362,26 @@ impl QueueThread {
             } else {
                 None
             };
-            self.completions.clear();
-            let mut completions = std::mem::take(&mut self.completions);
-            self.engine.wait(1, timeout, &mut completions)?;
+            self.collect_completions(1, timeout)?;
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-            for completion in completions.drain(..) {
-                self.on_completion(completion)?;
-            }
-            self.completions = completions;
         }
+    }
+
+    /// Wait as [`Engine::wait`] does and handle what it returns; true when it returned any.
+    fn collect_completions(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+    ) -> Result<bool> {
+        self.completions.clear();
+        let mut completions = std::mem::take(&mut self.completions);
+        self.engine.wait(min_complete, timeout, &mut completions)?;
+        let got = !completions.is_empty();
+        for completion in completions.drain(..) {
+            self.on_completion(completion)?;
+        }
+        self.completions = completions;
+        Ok(got)
     }
 
     /// Spin for up to `window` for work, reading memory only: the ring (req_event is muted
@@ -406,19 +417,10 @@ impl QueueThread {
             spins = spins.wrapping_add(1);
             let look_at_worker =
                 self.worker.pending() > 0 && spins.is_multiple_of(WORKER_LOOK_SPINS);
-            if look_at_worker || self.engine.completions_ready() {
-                self.completions.clear();
-                let mut completions = std::mem::take(&mut self.completions);
-                self.engine
-                    .wait(0, Some(Duration::ZERO), &mut completions)?;
-                let got = !completions.is_empty();
-                for completion in completions.drain(..) {
-                    self.on_completion(completion)?;
-                }
-                self.completions = completions;
-                if got {
-                    return Ok(true);
-                }
+            if (look_at_worker || self.engine.completions_ready())
+                && self.collect_completions(0, Some(Duration::ZERO))?
+            {
+                return Ok(true);
             }
             if self.shared.stopping.load(Ordering::Acquire)
                 || self.shared.pause.load(Ordering::Acquire) != pause

@@ -299,9 +299,6 @@ pub struct Queue {
     poll: Duration,
     /// Spin with several requests in flight too (see [`FrontConfig::poll`]).
     poll_busy: bool,
-    /// A response found by spinning in [`Self::wait_responses`], consumed off the ring and
-    /// not yet handed out.
-    spun: Option<Response>,
     segment_scratch: Vec<Segment>,
     page_scratch: Vec<u8>,
 }
@@ -523,7 +520,7 @@ impl Queue {
     /// the one asked (an INDIRECT request is answered with its indirect_op). Grants made for
     /// the request are revoked. The slot stays held until [`Self::release`].
     pub fn next_completion(&mut self) -> Result<Option<Completion>> {
-        let Some(response) = self.take_response() else {
+        let Some(response) = self.ring.0.next_response() else {
             return Ok(None);
         };
         let now = Instant::now();
@@ -586,25 +583,16 @@ impl Queue {
         }
     }
 
-    /// The next response: the one spinning found, else the ring's.
-    fn take_response(&mut self) -> Option<Response> {
-        self.spun.take().or_else(|| self.ring.0.next_response())
-    }
-
     /// Spin up to the poll window for a response (with several in flight only when
     /// `poll_busy`), reading `rsp_prod` only (no `rsp_event` update: a backend answering
     /// meanwhile is not asked to notify). True when one is there.
-    fn spin_for_response(&mut self) -> bool {
-        if self.spun.is_some() {
-            return true;
-        }
+    fn spin_for_response(&self) -> bool {
         if self.poll.is_zero() || (self.in_flight > 1 && !self.poll_busy) {
             return false;
         }
         let deadline = Instant::now() + self.poll;
         loop {
-            if let Some(response) = self.ring.0.next_response() {
-                self.spun = Some(response);
+            if self.ring.0.has_unconsumed_responses() {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -651,14 +639,14 @@ impl Queue {
 
     /// The next response, untracked.
     pub fn next_raw_response(&mut self) -> Option<Response> {
-        self.take_response()
+        self.ring.0.next_response()
     }
 
     /// Wait up to `timeout` for the next untracked response.
     pub fn wait_raw_response(&mut self, timeout: Duration) -> Result<Response> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(response) = self.take_response() {
+            if let Some(response) = self.ring.0.next_response() {
                 return Ok(response);
             }
             if self.ring.0.final_check_for_responses() {
@@ -1000,7 +988,6 @@ fn build_queue(
         timeout: config.response_timeout,
         poll: config.poll,
         poll_busy,
-        spun: None,
         segment_scratch: Vec::with_capacity(negotiated.slot_segments as usize),
         page_scratch: vec![0u8; PAGE_SIZE],
     })
