@@ -3,11 +3,30 @@
 # "extra", from /lab/extra, which holds: ferrotap and ferrotap-shim (release binaries),
 # ftcheck and canary (static), ftctl.py, this file.
 # blkback-shim runs the XenBus handshake with each guest's xen-blkfront on the real
-# xenstored for the whole run. The lab gives T (log line), mkcfg (writes /run/domu.cfg) and
-# wait_domu. No `exit` here: it would end the lab's init. Every case prints
+# xenstored for the whole run. The lab gives T (log line) and mkcfg (writes /run/domu.cfg).
+# No `exit` here: it would end the lab's init. Every case prints
 # "RESULT PASS|FAIL xen-lab <case>".
 
 FTX=/lab/extra
+# Wait (at most $1 s) until the guest is gone, then print its console log. Not the lab's
+# wait_domu: that reads the log the moment the domain is gone, and xenconsoled may not have
+# written the last lines yet (seen once: the guest's verdict missing while dom0's check of
+# the image passed). So wait for the kernel's last line ("reboot: ..."), or for the log to
+# stop growing (a destroyed guest prints none), at most 10 s.
+wait_guest() {
+  i=0; while xl domid domu1 >/dev/null 2>&1 && [ $i -lt $1 ]; do sleep 1; i=$((i+1)); done
+  xl domid domu1 >/dev/null 2>&1 && { T "TIMEOUT: domU still running, destroying"; xl destroy domu1; }
+  log=/var/log/xen/console/guest-domu1.log
+  last=-1; n=0
+  while [ $n -lt 20 ] && ! grep -q 'reboot: ' $log 2>/dev/null; do
+    size=$(stat -c %s $log 2>/dev/null || echo 0)
+    [ "$size" = "$last" ] && [ $n -ge 6 ] && break
+    last=$size; sleep 0.5; n=$((n+1))
+  done
+  T "domU gone after ${i} polls; console log:"
+  cat $log; rm -f $log
+}
+
 DEV=51712   # xvda
 
 # Per-case settings, read by ft_case (reset after each case):
@@ -114,7 +133,7 @@ ft_case() {
   T "domid $D, vbd attached ($target); unpause"; xl unpause domu1
   duringpid=""
   if [ -n "$CASE_DURING" ]; then $CASE_DURING > $out/during.log 2>&1 & duringpid=$!; fi
-  wait_domu 400 > $out/console.log 2>&1
+  wait_guest 400 > $out/console.log 2>&1
   cat $out/console.log
   wait $recpid
   if [ -n "$duringpid" ]; then
