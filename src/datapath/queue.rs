@@ -27,7 +27,7 @@ use crate::blkif::{
     MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE, SECTOR_SIZE,
 };
 use crate::engine::{new_engine, Completion, Engine, Op};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::file::DIRECT_ALIGN;
 use crate::image::{Image, Layer, Mapping};
 use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
@@ -35,6 +35,16 @@ use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, G
 const TOKEN_EVTCHN: u64 = u64::MAX;
 const TOKEN_WAKE: u64 = u64::MAX - 1;
 const TOKEN_WORKER: u64 = u64::MAX - 2;
+
+/// On a device, the I/O of requests taken off the ring goes to the engine this many
+/// requests at a time, not all together once the ring is empty. A whole ring's worth
+/// submitted at once reaches the device as one batch, which it answers as one batch, and
+/// the queue falls into lockstep with it. Measured, 4 KiB random reads at QD32 on a disk
+/// file, 1 queue: all at once 57k-62k IOPS; 1, 4 or 8 at a time 70k-77k, with serve at
+/// 80% of a core for 1 and 61-64% for 4 and 8. On tmpfs the I/O completes as it is
+/// submitted and the extra system calls only cost (190k -> 100k-135k IOPS for 1 at a
+/// time, io_uring), so there everything taken goes in one submission.
+const SUBMIT_BATCH: usize = 8;
 
 /// Everything a queue thread starts from.
 pub(crate) struct QueueSetup {
@@ -120,6 +130,9 @@ pub(crate) struct QueueThread {
     deferred: Option<(Request, Instant)>,
     /// An exclusive request is running: take nothing new.
     exclusive_running: bool,
+    /// The top image file is not on tmpfs: its I/O waits for a device, so requests taken
+    /// are submitted `SUBMIT_BATCH` at a time (see there).
+    device_backed: bool,
     stopping: bool,
     responses_waiting: bool,
     /// The deferred request is a write held back by another queue's discard: nothing of
@@ -227,6 +240,7 @@ impl QueueThread {
             in_use: 0,
             deferred: None,
             exclusive_running: false,
+            device_backed: false,
             stopping: false,
             responses_waiting: false,
             waiting_for_discard: false,
@@ -285,6 +299,7 @@ impl QueueThread {
             .collect();
         self.engine.register_files(&fds)?;
         self.read_only = image.read_only();
+        self.device_backed = !image.top().file().is_memory_backed()?;
         self.image = Some(image);
         Ok(true)
     }
@@ -522,15 +537,21 @@ impl QueueThread {
         Ok(())
     }
 
-    /// Take requests off the ring while there is room for them.
-    fn take_requests(&mut self) -> std::result::Result<(), crate::blkif::ring::RingError> {
+    /// Take requests off the ring while there is room for them; on a device, their I/O is
+    /// submitted `SUBMIT_BATCH` requests at a time as they start.
+    fn take_requests(&mut self) -> Result<()> {
+        let mut started = 0usize;
         loop {
             if self.exclusive_running {
                 return Ok(());
             }
             let (request, taken) = match self.deferred.take() {
                 Some(deferred) => deferred,
-                None => match self.ring.next_request()? {
+                None => match self
+                    .ring
+                    .next_request()
+                    .map_err(|err| Error::invalid(err.to_string()))?
+                {
                     Some(request) => {
                         self.stats.requests.fetch_add(1, Ordering::Relaxed);
                         (request, Instant::now())
@@ -541,6 +562,10 @@ impl QueueThread {
             if let Some(waiting) = self.start(request, taken) {
                 self.deferred = Some((waiting, taken));
                 return Ok(());
+            }
+            started += 1;
+            if self.device_backed && started.is_multiple_of(SUBMIT_BATCH) {
+                self.engine.submit()?;
             }
         }
     }
@@ -1112,7 +1137,7 @@ impl QueueThread {
     fn served_image(&self) -> Result<Arc<Image>> {
         self.image
             .clone()
-            .ok_or_else(|| crate::error::Error::invalid("paused: no image"))
+            .ok_or_else(|| Error::invalid("paused: no image"))
     }
 
     fn push_op(&mut self, slot: usize, op: Op) {
