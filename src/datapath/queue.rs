@@ -409,6 +409,11 @@ impl QueueThread {
     /// without any.
     fn busy_poll(&mut self, window: Duration, can_take: bool) -> Result<bool> {
         const WORKER_LOOK_SPINS: u32 = 64;
+        // I/O in flight to a device: see below. Leaving before submitting it lets the wait
+        // that follows submit and sleep in one system call.
+        if self.device_backed && self.engine.in_flight() > 0 {
+            return Ok(false);
+        }
         if can_take {
             self.ring.mute_request_notifications();
         }
