@@ -72,7 +72,8 @@ pub struct RingArgs {
     /// The load generator's hybrid wait: the blkfront spins this many microseconds on its
     /// ring for responses before sleeping in poll() (its `--poll-us`), as fio's polled
     /// completions would (with several requests in flight only when the host has a core
-    /// for each blkfront and each serve queue); 0: it sleeps at once.
+    /// for each blkfront and each serve queue, and only while its waits average less than
+    /// the window); 0: it sleeps at once.
     #[arg(long, value_name = "US", default_value_t = DEFAULT_FRONT_POLL_US)]
     front_poll_us: u64,
     /// The ferrotap binary (default: the one built next to ferrotap-bench).
