@@ -72,7 +72,7 @@ pub struct RingArgs {
     /// The load generator's hybrid wait: the blkfront spins this many microseconds on its
     /// ring for responses before sleeping in poll() (its `--poll-us`), as fio's polled
     /// completions would (with several requests in flight only when the host has a core
-    /// for each blkfront and each serve queue, and only while its waits average less than
+    /// for each blkfront and each serve queue, and not while its waits average over twice
     /// the window); 0: it sleeps at once.
     #[arg(long, value_name = "US", default_value_t = DEFAULT_FRONT_POLL_US)]
     front_poll_us: u64,
