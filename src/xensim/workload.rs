@@ -460,7 +460,6 @@ fn drive(
     let mut rng = Rng::new(seed ^ (queue.index() as u64).wrapping_mul(0x1000_0000_01b3));
     let mut done = false;
     loop {
-        let mut queued = false;
         let mut blocked = false;
         while !done {
             let Some(slot) = queue.acquire() else { break };
@@ -470,9 +469,13 @@ fn drive(
                 break;
             }
             match driver.prepare(slot, queue.slot_mut(slot), &mut rng)? {
+                // Each request is published as it is put on the ring, as Linux's blkfront
+                // does (a push per request in its queue_rq): the backend starts on the
+                // first while the rest are built. Publishing a whole refill at once held
+                // serve back by the time to build it (tmpfs, 4 KiB reads at QD32, 1 queue:
+                // 263k-292k IOPS against 250k-329k, higher in 4 of 5 alternating pairs).
                 Step::Submit(io) => {
-                    queue.queue_request(slot, io)?;
-                    queued = true;
+                    queue.submit(slot, io)?;
                 }
                 Step::Blocked => {
                     // Not sent: give the claim back.
@@ -482,9 +485,6 @@ fn drive(
                     break;
                 }
             }
-        }
-        if queued {
-            queue.push()?;
         }
         if queue.in_flight() == 0 {
             if done {
