@@ -55,9 +55,9 @@ pub struct FrontConfig {
     /// sends no notification. It spins with any number of requests in flight when the host
     /// has a core for each frontend queue and each backend queue; with fewer cores only for
     /// a lone request, as with more in flight its spinning would take the core the backend
-    /// needs (measured: 4 KiB reads at QD32 with 2 queues on 2 cores, half the IOPS). It
-    /// stops spinning while its waits last longer than the window on average (see
-    /// [`WaitEstimate`]).
+    /// needs (measured: 4 KiB reads at QD32 with 2 queues on 2 cores, half the IOPS). With
+    /// several in flight it does not spin while its waits average over twice the window
+    /// (see [`WaitEstimate`]).
     pub poll: Duration,
 }
 
@@ -286,24 +286,38 @@ unsafe impl Send for QueueRing {}
 /// only burns the core: 4 KiB reads at QD32 on a disk file, 1 queue, wait about 300 µs for
 /// each burst of responses, and a blkfront spinning its 100 µs window first took host time
 /// from the virtual disk (74k-77k IOPS against 78k-85k without the spin, at a fifth of the
-/// blkfront's CPU). The spin stops only while the average is over twice the window: a wait
-/// measured asleep includes the wake-up (30-50 µs here), and with the window itself as the
+/// blkfront's CPU). So with several requests in flight the spin stops while the average is
+/// over twice the window (a lone request always spins: it is the latency case). Twice, as a
+/// wait measured asleep includes the wake-up (30-50 µs here): with the window itself as the
 /// limit a QD1 queue on the disk (40-60 µs waits) tipped into sleeping and stayed there
-/// (p50 42 -> 50-72 µs in a full bench run).
-#[derive(Debug, Default, Clone, Copy)]
+/// (p50 42 -> 50-72 µs in a full bench run). A sample counts for at most four windows, so
+/// that one stall (an O_DIRECT write waiting on a journal commit for milliseconds) does not
+/// stop the spin for the waits after it.
+#[derive(Debug, Clone, Copy)]
 pub struct WaitEstimate {
     average_ns: u64,
+    window_ns: u64,
 }
 
 impl WaitEstimate {
+    pub fn new(window: Duration) -> WaitEstimate {
+        WaitEstimate {
+            average_ns: 0,
+            window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX / 4),
+        }
+    }
+
     pub fn record(&mut self, waited: Duration) {
-        let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        let cap = self.window_ns.saturating_mul(4);
+        let waited = u64::try_from(waited.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min(cap);
         self.average_ns = self.average_ns - self.average_ns / 8 + waited / 8;
     }
 
-    /// True when waits average over twice `window`: spinning it would mostly run out.
-    pub fn outlast(&self, window: Duration) -> bool {
-        u128::from(self.average_ns) > 2 * window.as_nanos()
+    /// True when waits average over twice the window: spinning it would mostly run out.
+    pub fn outlast_window(&self) -> bool {
+        self.average_ns > self.window_ns.saturating_mul(2)
     }
 }
 
@@ -616,13 +630,12 @@ impl Queue {
     }
 
     /// Spin up to the poll window for a response (with several in flight only when
-    /// `poll_busy`, and not while waits average over twice the window), reading
-    /// `rsp_prod` only (no `rsp_event` update: a backend answering meanwhile is not asked
-    /// to notify). True when one is there.
+    /// `poll_busy` and while waits average at most twice the window), reading `rsp_prod`
+    /// only (no `rsp_event` update: a backend answering meanwhile is not asked to notify).
+    /// True when one is there.
     fn spin_for_response(&self) -> bool {
         if self.poll.is_zero()
-            || (self.in_flight > 1 && !self.poll_busy)
-            || self.waits.outlast(self.poll)
+            || (self.in_flight > 1 && (!self.poll_busy || self.waits.outlast_window()))
         {
             return false;
         }
@@ -1024,7 +1037,7 @@ fn build_queue(
         timeout: config.response_timeout,
         poll: config.poll,
         poll_busy,
-        waits: WaitEstimate::default(),
+        waits: WaitEstimate::new(config.poll),
         segment_scratch: Vec::with_capacity(negotiated.slot_segments as usize),
         page_scratch: vec![0u8; PAGE_SIZE],
     })
@@ -1037,18 +1050,17 @@ mod tests {
 
     #[test]
     fn wait_estimate_stops_the_spin_on_long_waits_and_resumes_it_on_short_ones() {
-        let window = Duration::from_micros(100);
-        let mut waits = WaitEstimate::default();
-        assert!(!waits.outlast(window), "a fresh queue spins");
+        let mut waits = WaitEstimate::new(Duration::from_micros(100));
+        assert!(!waits.outlast_window(), "a fresh queue spins");
         // One long wait alone does not stop the spin (weight 1/8).
         waits.record(Duration::from_micros(300));
-        assert!(!waits.outlast(window));
+        assert!(!waits.outlast_window());
         for _ in 0..16 {
             waits.record(Duration::from_micros(300));
         }
-        assert!(waits.outlast(window), "bursts of 300 µs waits stop it");
+        assert!(waits.outlast_window(), "bursts of 300 µs waits stop it");
         let mut short = 0;
-        while waits.outlast(window) {
+        while waits.outlast_window() {
             waits.record(Duration::from_micros(10));
             short += 1;
             assert!(short < 32, "short waits must bring the spin back");
@@ -1057,14 +1069,29 @@ mod tests {
             short > 1,
             "one short wait alone does not undo a run of long ones"
         );
-        // Waits a little over the window, as a sleeping QD1 queue measures them with its
+        // Waits a little over the window, as a sleeping queue measures them with its
         // wake-up, keep it spinning.
         for _ in 0..64 {
             waits.record(Duration::from_micros(150));
         }
-        assert!(!waits.outlast(window));
-        // A wait too long to count in nanoseconds saturates instead of wrapping.
+        assert!(!waits.outlast_window());
+        // A stall among 60 µs waits does not stop it: a sample counts for at most 400 µs.
+        let mut waits = WaitEstimate::new(Duration::from_micros(100));
+        for _ in 0..64 {
+            waits.record(Duration::from_micros(60));
+        }
+        waits.record(Duration::from_millis(20));
+        assert!(!waits.outlast_window());
+        // Nor does a wait too long to count in nanoseconds wrap anything.
         waits.record(Duration::from_secs(u64::MAX));
-        assert!(waits.outlast(window));
+        assert!(!waits.outlast_window());
+        for _ in 0..64 {
+            waits.record(Duration::from_secs(u64::MAX));
+        }
+        assert!(waits.outlast_window());
+        // A window too long to count in nanoseconds saturates too.
+        let mut huge = WaitEstimate::new(Duration::from_secs(u64::MAX));
+        huge.record(Duration::from_secs(u64::MAX));
+        assert!(!huge.outlast_window());
     }
 }

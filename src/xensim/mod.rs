@@ -101,7 +101,8 @@ pub struct BlkfrontArgs {
     /// Spin this many microseconds on the ring for responses before sleeping (the load
     /// generator's hybrid wait, like fio's polled completions; 0: sleep at once): with any
     /// number in flight when the host has a core for each frontend and each backend queue,
-    /// else only for a lone request; and not while its waits average over twice the window.
+    /// else only for a lone request; with several in flight, not while its waits average over
+    /// twice the window.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
     /// Print the report as JSON.
