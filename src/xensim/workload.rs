@@ -473,7 +473,8 @@ fn drive(
                 // does (a push per request in its queue_rq): the backend starts on the
                 // first while the rest are built. Publishing a whole refill at once held
                 // serve back by the time to build it (tmpfs, 4 KiB reads at QD32, 1 queue:
-                // 263k-292k IOPS against 250k-329k, higher in 4 of 5 alternating pairs).
+                // 250k-329k IOPS per request against 263k-292k per refill, higher in 4 of
+                // 5 alternating pairs).
                 Step::Submit(io) => {
                     queue.submit(slot, io)?;
                 }
