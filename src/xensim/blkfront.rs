@@ -293,31 +293,22 @@ unsafe impl Send for QueueRing {}
 /// (p50 42 -> 50-72 µs in a full bench run). A sample counts for at most four windows, so
 /// that one stall (an O_DIRECT write waiting on a journal commit for milliseconds) does not
 /// stop the spin for the waits after it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct WaitEstimate {
     average_ns: u64,
-    window_ns: u64,
 }
 
 impl WaitEstimate {
-    pub fn new(window: Duration) -> WaitEstimate {
-        WaitEstimate {
-            average_ns: 0,
-            window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX / 4),
-        }
-    }
-
-    pub fn record(&mut self, waited: Duration) {
-        let cap = self.window_ns.saturating_mul(4);
-        let waited = u64::try_from(waited.as_nanos())
-            .unwrap_or(u64::MAX)
-            .min(cap);
+    /// Count a wait of a queue spinning for up to `window`.
+    pub fn record(&mut self, waited: Duration, window: Duration) {
+        let cap = window.as_nanos().saturating_mul(4);
+        let waited = u64::try_from(waited.as_nanos().min(cap)).unwrap_or(u64::MAX);
         self.average_ns = self.average_ns - self.average_ns / 8 + waited / 8;
     }
 
-    /// True when waits average over twice the window: spinning it would mostly run out.
-    pub fn outlast_window(&self) -> bool {
-        self.average_ns > self.window_ns.saturating_mul(2)
+    /// True when waits average over twice `window`: spinning it would mostly run out.
+    pub fn outlast(&self, window: Duration) -> bool {
+        u128::from(self.average_ns) > window.as_nanos().saturating_mul(2)
     }
 }
 
@@ -612,13 +603,13 @@ impl Queue {
     pub fn wait_responses(&mut self) -> Result<()> {
         let start = Instant::now();
         if self.spin_for_response() {
-            self.waits.record(start.elapsed());
+            self.waits.record(start.elapsed(), self.poll);
             return Ok(());
         }
         let deadline = start + self.timeout;
         loop {
             if self.ring.0.final_check_for_responses() {
-                self.waits.record(start.elapsed());
+                self.waits.record(start.elapsed(), self.poll);
                 return Ok(());
             }
             let now = Instant::now();
@@ -635,7 +626,7 @@ impl Queue {
     /// True when one is there.
     fn spin_for_response(&self) -> bool {
         if self.poll.is_zero()
-            || (self.in_flight > 1 && (!self.poll_busy || self.waits.outlast_window()))
+            || (self.in_flight > 1 && (!self.poll_busy || self.waits.outlast(self.poll)))
         {
             return false;
         }
@@ -1037,7 +1028,7 @@ fn build_queue(
         timeout: config.response_timeout,
         poll: config.poll,
         poll_busy,
-        waits: WaitEstimate::new(config.poll),
+        waits: WaitEstimate::default(),
         segment_scratch: Vec::with_capacity(negotiated.slot_segments as usize),
         page_scratch: vec![0u8; PAGE_SIZE],
     })
@@ -1050,18 +1041,19 @@ mod tests {
 
     #[test]
     fn wait_estimate_stops_the_spin_on_long_waits_and_resumes_it_on_short_ones() {
-        let mut waits = WaitEstimate::new(Duration::from_micros(100));
-        assert!(!waits.outlast_window(), "a fresh queue spins");
+        let window = Duration::from_micros(100);
+        let mut waits = WaitEstimate::default();
+        assert!(!waits.outlast(window), "a fresh queue spins");
         // One long wait alone does not stop the spin (weight 1/8).
-        waits.record(Duration::from_micros(300));
-        assert!(!waits.outlast_window());
+        waits.record(Duration::from_micros(300), window);
+        assert!(!waits.outlast(window));
         for _ in 0..16 {
-            waits.record(Duration::from_micros(300));
+            waits.record(Duration::from_micros(300), window);
         }
-        assert!(waits.outlast_window(), "bursts of 300 µs waits stop it");
+        assert!(waits.outlast(window), "bursts of 300 µs waits stop it");
         let mut short = 0;
-        while waits.outlast_window() {
-            waits.record(Duration::from_micros(10));
+        while waits.outlast(window) {
+            waits.record(Duration::from_micros(10), window);
             short += 1;
             assert!(short < 32, "short waits must bring the spin back");
         }
@@ -1072,26 +1064,26 @@ mod tests {
         // Waits a little over the window, as a sleeping queue measures them with its
         // wake-up, keep it spinning.
         for _ in 0..64 {
-            waits.record(Duration::from_micros(150));
+            waits.record(Duration::from_micros(150), window);
         }
-        assert!(!waits.outlast_window());
+        assert!(!waits.outlast(window));
         // A stall among 60 µs waits does not stop it: a sample counts for at most 400 µs.
-        let mut waits = WaitEstimate::new(Duration::from_micros(100));
+        let mut waits = WaitEstimate::default();
         for _ in 0..64 {
-            waits.record(Duration::from_micros(60));
+            waits.record(Duration::from_micros(60), window);
         }
-        waits.record(Duration::from_millis(20));
-        assert!(!waits.outlast_window());
+        waits.record(Duration::from_millis(20), window);
+        assert!(!waits.outlast(window));
         // Nor does a wait too long to count in nanoseconds wrap anything.
-        waits.record(Duration::from_secs(u64::MAX));
-        assert!(!waits.outlast_window());
+        waits.record(Duration::from_secs(u64::MAX), window);
+        assert!(!waits.outlast(window));
         for _ in 0..64 {
-            waits.record(Duration::from_secs(u64::MAX));
+            waits.record(Duration::from_secs(u64::MAX), window);
         }
-        assert!(waits.outlast_window());
+        assert!(waits.outlast(window));
         // A window too long to count in nanoseconds saturates too.
-        let mut huge = WaitEstimate::new(Duration::from_secs(u64::MAX));
-        huge.record(Duration::from_secs(u64::MAX));
-        assert!(!huge.outlast_window());
+        let mut huge = WaitEstimate::default();
+        huge.record(Duration::from_secs(u64::MAX), Duration::from_secs(u64::MAX));
+        assert!(!huge.outlast(Duration::from_secs(u64::MAX)));
     }
 }
