@@ -8,6 +8,14 @@
 //! the watched fds. A watched fd found readable becomes a completion and leaves the watch
 //! list (one-shot, as with io_uring).
 //!
+//! Reads, writes and syncs on files in memory (`Engine::set_memory_files`) skip the AIO
+//! context: on tmpfs `io_submit` does the copy synchronously anyway, so `push` does it
+//! itself with pread/pwrite and saves the iocb, the completion event and the eventfd signal
+//! (measured, 4 KiB random reads at QD32 on tmpfs, 1 queue, serve CPU-bound: what the
+//! kernel spends besides the read itself fell from 13% of serve's time to 8%, and five
+//! alternating pairs gave 8% more IOPS on average). Their completions wait in `ready` for
+//! the next `wait`, as others do.
+//!
 //! Short reads and writes are returned as they are. An `IOCB_CMD_FDSYNC` the kernel or file
 //! system refuses with EINVAL (kernels before 4.18, file systems without AIO fsync) is done
 //! with a synchronous `fdatasync` and completed by the engine. Like the io_uring engine's,
@@ -93,6 +101,8 @@ pub struct AioEngine {
     watches: Vec<(RawFd, u64)>,
     pollfds: Vec<libc::pollfd>,
     ready: Vec<Completion>,
+    /// Files in memory, whose I/O `push` does at once (`Engine::set_memory_files`).
+    memory_fds: Vec<RawFd>,
 }
 
 impl AioEngine {
@@ -134,6 +144,7 @@ impl AioEngine {
             watches: Vec::new(),
             pollfds: Vec::new(),
             ready: Vec::with_capacity(depth),
+            memory_fds: Vec::new(),
         })
     }
 
@@ -339,6 +350,33 @@ fn event_result(res: i64) -> i32 {
     i32::try_from(res).unwrap_or(if res < 0 { -libc::EIO } else { i32::MAX })
 }
 
+/// One read, write or sync done synchronously: bytes moved, or a negative errno.
+///
+/// # Safety
+/// For a read or write, `buf` is valid for `len` bytes (writable for a read), as
+/// `Engine::push` requires of its caller.
+unsafe fn transfer_now(opcode: u16, fd: RawFd, buf: u64, len: u32, offset: i64) -> i32 {
+    let buf = buf as usize as *mut libc::c_void;
+    loop {
+        let rc = match opcode {
+            // SAFETY: `buf` holds `len` writable bytes (this function's contract).
+            IOCB_CMD_PREAD => unsafe { libc::pread(fd, buf, len as usize, offset) },
+            // SAFETY: `buf` holds `len` readable bytes (this function's contract).
+            IOCB_CMD_PWRITE => unsafe { libc::pwrite(fd, buf, len as usize, offset) },
+            _ => return fdatasync(fd),
+        };
+        if rc >= 0 {
+            // At most `len`, which `push` checked fits an i32.
+            return i32::try_from(rc).unwrap_or(i32::MAX);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(errno) => return -errno,
+            None => return -libc::EIO,
+        }
+    }
+}
+
 /// Synchronous fdatasync: 0 or a negative errno.
 fn fdatasync(fd: RawFd) -> i32 {
     loop {
@@ -388,6 +426,14 @@ impl Engine for AioEngine {
         }
         let offset = i64::try_from(offset)
             .map_err(|_| Error::invalid(format!("offset {offset} is too large")))?;
+        if self.memory_fds.contains(&fd) {
+            // SAFETY: the buffer is valid for `len` bytes by this function's contract.
+            let result = unsafe { transfer_now(opcode, fd, buf, len, offset) };
+            self.ready.push(Completion { token, result });
+            self.ready_ops += 1;
+            self.in_flight += 1;
+            return Ok(());
+        }
         if self.pending.len() >= self.depth {
             self.submit_pending()?;
         }
@@ -404,6 +450,11 @@ impl Engine for AioEngine {
             ..Iocb::default()
         });
         self.in_flight += 1;
+        Ok(())
+    }
+
+    fn set_memory_files(&mut self, fds: &[RawFd]) -> Result<()> {
+        self.memory_fds = fds.to_vec();
         Ok(())
     }
 

@@ -64,6 +64,15 @@ pub trait Engine {
         Ok(())
     }
 
+    /// These fds are files in memory (tmpfs): their I/O never waits for a device. An engine
+    /// whose kernel path does such I/O synchronously anyway may do it at once in `push`,
+    /// its completion still returned by the next `wait` (native AIO does). The same rules
+    /// as for `register_files`: the set holds until replaced (an empty set clears it), and
+    /// is changed only with no op in flight.
+    fn set_memory_files(&mut self, _fds: &[RawFd]) -> Result<()> {
+        Ok(())
+    }
+
     /// Queue `op`; it is submitted by the next `wait` (or earlier when the queue fills).
     ///
     /// # Safety
