@@ -82,7 +82,9 @@ pub struct ServeArgs {
     pub buffered: bool,
     /// Spin this many microseconds for new work before sleeping (0: never spin): each
     /// queue thread watches its ring and completions from memory, yielding the core to
-    /// anything else runnable, and sleeps once the window passes with nothing to do.
+    /// anything else runnable, and sleeps once the window passes with nothing to do, or
+    /// at once while several operations are in flight to a device (a lone one, a guest at
+    /// QD1, is waited for spinning).
     #[arg(long, default_value_t = DEFAULT_POLL_US)]
     pub poll_us: u64,
     /// KiB of grant-copy buffers per queue.
@@ -103,8 +105,9 @@ pub struct ServeArgs {
 /// The engine for `image`. `auto` picks io_uring, except for an image on tmpfs: there
 /// io_uring hands every O_DIRECT request to a kernel worker thread (tmpfs cannot start one
 /// without blocking), while native AIO does it inline in the submit call, 1.5-2x faster in
-/// bench/run.sh ring --options (4 KiB random reads at QD32: 1.28x fio against 0.63x). On
-/// disks the two are within noise of each other.
+/// bench/run.sh ring --options (4 KiB random reads at QD32: 1.28x fio against 0.63x); the
+/// AIO engine now skips even the submit call there (`Engine::set_memory_files`). On disks
+/// the two are within noise of each other.
 fn choose_engine(choice: EngineChoice, image: &Image) -> Result<EngineKind> {
     Ok(match choice {
         EngineChoice::Uring => EngineKind::Uring,
