@@ -165,17 +165,29 @@ fn raw_copy_and_persistent_both_protocols_both_engines() {
     );
 }
 
+/// A qcow2 in `top_dir` over a patterned raw backing in `base_dir`, served case by case:
+/// the backing must not change, and qemu-img must find the qcow2 clean.
+fn qcow2_over_raw_cases(base_dir: &Path, top_dir: &Path, cases: &[Case]) {
+    let base = base_dir.join("base.raw");
+    patterned_raw(&base);
+    let top = top_dir.join("top.qcow2");
+    qemu_img_create(&top, "qcow2", Some((&base, "raw")));
+    let before = std::fs::read(&base).unwrap();
+    run_cases(&top, true, cases);
+    assert_eq!(
+        before,
+        std::fs::read(&base).unwrap(),
+        "the backing file changed"
+    );
+    run_ok(Command::new("qemu-img").arg("check").arg(&top));
+}
+
 #[test]
 fn qcow2_over_raw_backing() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let base = dir.path().join("base.raw");
-    patterned_raw(&base);
-    let top = dir.path().join("top.qcow2");
-    qemu_img_create(&top, "qcow2", Some((&base, "raw")));
-    let before = std::fs::read(&base).unwrap();
-    run_cases(
-        &top,
-        true,
+    qcow2_over_raw_cases(
+        dir.path(),
+        dir.path(),
         &[
             Case {
                 serve: &["--engine", "uring"],
@@ -187,12 +199,6 @@ fn qcow2_over_raw_backing() {
             },
         ],
     );
-    assert_eq!(
-        before,
-        std::fs::read(&base).unwrap(),
-        "the backing file changed"
-    );
-    run_ok(Command::new("qemu-img").arg("check").arg(&top));
 }
 
 /// Images in memory: native AIO (what `auto` picks there) reads, writes and syncs files on
@@ -224,14 +230,9 @@ fn images_in_memory() {
     );
 
     let disk = tempfile::tempdir_in("/var/tmp").unwrap();
-    let base = disk.path().join("base.raw");
-    patterned_raw(&base);
-    let top = shm.path().join("top.qcow2");
-    qemu_img_create(&top, "qcow2", Some((&base, "raw")));
-    let before = std::fs::read(&base).unwrap();
-    run_cases(
-        &top,
-        true,
+    qcow2_over_raw_cases(
+        disk.path(),
+        shm.path(),
         &[
             Case {
                 serve: &["--engine", "aio"],
@@ -243,12 +244,6 @@ fn images_in_memory() {
             },
         ],
     );
-    assert_eq!(
-        before,
-        std::fs::read(&base).unwrap(),
-        "the backing file changed"
-    );
-    run_ok(Command::new("qemu-img").arg("check").arg(&top));
 }
 
 #[test]

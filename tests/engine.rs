@@ -97,6 +97,31 @@ fn write_op(fd: RawFd, offset: u64, buf: &[u8]) -> Op {
     }
 }
 
+/// Push a write of pattern(`seed`) over each of the first `blocks` blocks of `fd`, block
+/// `(i * stride) % blocks` i-th (scattered; `stride` coprime with `blocks`), with the
+/// block's index as token. The returned buffer holds the data: keep it until every
+/// completion is collected.
+fn push_scattered_writes(
+    e: &mut dyn Engine,
+    fd: RawFd,
+    blocks: usize,
+    seed: u64,
+    stride: usize,
+) -> AlignedBuf {
+    let mut wbuf = AlignedBuf::zeroed(blocks * BLOCK);
+    for n in 0..blocks {
+        wbuf.as_mut_slice()[n * BLOCK..(n + 1) * BLOCK].copy_from_slice(&pattern(seed, n));
+    }
+    for i in 0..blocks {
+        let n = (i * stride) % blocks;
+        let chunk = &wbuf.as_slice()[n * BLOCK..(n + 1) * BLOCK];
+        // SAFETY: the buffer's heap block goes back to the caller, who keeps it until the
+        // completions are collected (this function's contract).
+        unsafe { e.push(n as u64, write_op(fd, (n * BLOCK) as u64, chunk)) }.unwrap();
+    }
+    wbuf
+}
+
 /// O_DIRECT writes then reads on a disk file and a tmpfs file, with more ops than the
 /// queue is deep (256 on depth 64) and all of them pushed before the first wait.
 #[test]
@@ -109,16 +134,7 @@ fn direct_io_many_in_flight() {
             let mut e = engine(kind, 64);
 
             // Overwrite every block in a scattered order with pattern 2.
-            let mut wbuf = AlignedBuf::zeroed(blocks * BLOCK);
-            for n in 0..blocks {
-                wbuf.as_mut_slice()[n * BLOCK..(n + 1) * BLOCK].copy_from_slice(&pattern(2, n));
-            }
-            for i in 0..blocks {
-                let n = (i * 97) % blocks;
-                let chunk = &wbuf.as_slice()[n * BLOCK..(n + 1) * BLOCK];
-                // SAFETY: wbuf outlives the wait below that returns every completion.
-                unsafe { e.push(n as u64, write_op(fd, (n * BLOCK) as u64, chunk)) }.unwrap();
-            }
+            let wbuf = push_scattered_writes(e.as_mut(), fd, blocks, 2, 97);
             assert_eq!(e.in_flight(), blocks, "{kind:?}");
             let done = collect(e.as_mut(), blocks);
             for (n, c) in done.iter().enumerate() {
@@ -682,16 +698,7 @@ fn memory_files_complete_through_wait() {
         let mut e = engine(kind, 8);
         e.set_memory_files(&[fd, write_only.as_raw_fd()]).unwrap();
 
-        let mut wbuf = AlignedBuf::zeroed(blocks * BLOCK);
-        for n in 0..blocks {
-            wbuf.as_mut_slice()[n * BLOCK..(n + 1) * BLOCK].copy_from_slice(&pattern(32, n));
-        }
-        for i in 0..blocks {
-            let n = (i * 7) % blocks;
-            let chunk = &wbuf.as_slice()[n * BLOCK..(n + 1) * BLOCK];
-            // SAFETY: wbuf outlives the wait below that returns every completion.
-            unsafe { e.push(n as u64, write_op(fd, (n * BLOCK) as u64, chunk)) }.unwrap();
-        }
+        let wbuf = push_scattered_writes(e.as_mut(), fd, blocks, 32, 7);
         assert_eq!(e.in_flight(), blocks, "{kind:?}");
         if kind == EngineKind::Aio {
             assert!(
