@@ -285,14 +285,14 @@ unsafe impl Send for QueueRing {}
 /// call to a response being there. A spin that usually runs out before the backend answers
 /// only burns the core: 4 KiB reads at QD32 on a disk file, 1 queue, wait about 300 µs for
 /// each burst of responses, and a blkfront spinning its 100 µs window first took host time
-/// from the virtual disk (75k-81k IOPS with the spin against 78k-86k without, which used a
-/// fifth of the blkfront's CPU). So with several requests in flight the spin stops while the average is
-/// over twice the window (a lone request always spins: it is the latency case). Twice, as a
-/// wait measured asleep includes the wake-up (30-50 µs here): with the window itself as the
-/// limit a QD1 queue on the disk (40-60 µs waits) tipped into sleeping and stayed there
-/// (p50 42 -> 50-72 µs in a full bench run). A sample counts for at most four windows, so
-/// that one stall (an O_DIRECT write waiting on a journal commit for milliseconds) does not
-/// stop the spin for the waits after it.
+/// from the virtual disk (75k-81k IOPS with the spin against 78k-86k without it, when the
+/// blkfront used a fifth of the CPU). So with several requests in flight the spin stops
+/// while the average is over twice the window (a lone request always spins: it is the
+/// latency case). Twice, as a wait measured asleep includes the wake-up (30-50 µs here):
+/// with the window itself as the limit a QD1 queue on the disk (40-60 µs waits) tipped
+/// into sleeping and stayed there (p50 42 -> 50-72 µs in a full bench run). A sample
+/// counts for at most four windows, so that one stall (an O_DIRECT write waiting on a
+/// journal commit for milliseconds) does not stop the spin for the waits after it.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WaitEstimate {
     average_ns: u64,
