@@ -286,7 +286,8 @@ unsafe impl Send for QueueRing {}
 /// only burns the core: 4 KiB reads at QD32 on a disk file, 1 queue, wait about 300 µs for
 /// each burst of responses, and a blkfront spinning its 100 µs window first took host time
 /// from the virtual disk (75k-81k IOPS with the spin against 78k-86k without it, when the
-/// blkfront used a fifth of the CPU). So with several requests in flight the spin stops
+/// blkfront used a fifth of the CPU); a window that outlasts the burst (the ring bench's
+/// 500 µs) saves the wake-up instead. So with several requests in flight the spin stops
 /// while the average is over twice the window (a lone request always spins: it is the
 /// latency case). Twice, as a wait measured asleep includes the wake-up (30-50 µs here):
 /// with the window itself as the limit a QD1 queue on the disk (40-60 µs waits) tipped
