@@ -24,6 +24,25 @@ const IDLE_RSS_MIB: f64 = 8.0;
 const LOAD_RSS_MIB: f64 = 32.0;
 const LOAD_RSS_TARGET: &str = "RSS MiB under load";
 
+/// fio's figures at one point as a ferrotap run saw them: between fio's run before it and
+/// fio's run after it, in proportion to where its turn fell.
+#[derive(Debug, Clone, Copy)]
+pub struct FioReference {
+    pub iops: f64,
+    pub p99_us: f64,
+}
+
+impl FioReference {
+    /// `weight` 0 is the run before, 1 the run after.
+    pub fn between(before: &Measured, after: &Measured, weight: f64) -> FioReference {
+        let at = |a: f64, b: f64| a + (b - a) * weight;
+        FioReference {
+            iops: at(before.iops, after.iops),
+            p99_us: at(before.p99_us, after.p99_us),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RingRow {
     pub system: String,
@@ -40,7 +59,14 @@ pub struct RingRow {
     /// IOPS and p99 of every round, in the order measured.
     pub iops_rounds: Vec<f64>,
     pub p99_rounds: Vec<f64>,
-    /// Over fio's figure at the same point: the median of the per-round ratios.
+    /// ferrotap rows: fio's IOPS and p99 at the same point in each round, interpolated to
+    /// this row's turn between fio's runs before and after the round's ferrotap runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fio_iops_rounds: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fio_p99_rounds: Vec<f64>,
+    /// Over fio's figure at the same point: the median of the per-round ratios to the two
+    /// above.
     pub iops_vs_fio: Option<f64>,
     pub p99_vs_fio: Option<f64>,
     /// Idle rows: times serve's threads were scheduled in, per second.
@@ -49,12 +75,6 @@ pub struct RingRow {
 }
 
 impl RingRow {
-    fn same_point(&self, other: &RingRow) -> bool {
-        self.workload == other.workload
-            && self.backing == other.backing
-            && self.queues == other.queues
-    }
-
     fn is_idle(&self) -> bool {
         self.iodepth.is_none()
     }
@@ -172,10 +192,24 @@ impl RingReport {
             },
             iops_rounds: rounds.iter().map(|r| round(r.iops, 1)).collect(),
             p99_rounds: rounds.iter().map(|r| round(r.p99_us, 2)).collect(),
+            fio_iops_rounds: Vec::new(),
+            fio_p99_rounds: Vec::new(),
             iops_vs_fio: None,
             p99_vs_fio: None,
             wakeups_per_s: None,
         });
+    }
+
+    /// Give the ferrotap row just added what each of its rounds is compared with.
+    pub fn set_fio_reference(&mut self, reference: &[FioReference]) {
+        if let Some(row) = self
+            .runs
+            .last_mut()
+            .filter(|row| row.system != "fio" && !row.is_idle())
+        {
+            row.fio_iops_rounds = reference.iter().map(|r| round(r.iops, 1)).collect();
+            row.fio_p99_rounds = reference.iter().map(|r| round(r.p99_us, 2)).collect();
+        }
     }
 
     /// Record the wake-ups of the idle row just added.
@@ -199,17 +233,9 @@ impl RingReport {
 
     /// Compute every ferrotap row's ratios to fio, then check the targets.
     pub fn finish(&mut self) {
-        let fio_rows: Vec<RingRow> = self
-            .runs
-            .iter()
-            .filter(|r| r.system == "fio")
-            .cloned()
-            .collect();
         for row in self.runs.iter_mut().filter(|r| r.system != "fio") {
-            if let Some(fio) = fio_rows.iter().find(|f| f.same_point(row)) {
-                row.iops_vs_fio = paired_ratio(&row.iops_rounds, &fio.iops_rounds);
-                row.p99_vs_fio = paired_ratio(&row.p99_rounds, &fio.p99_rounds);
-            }
+            row.iops_vs_fio = paired_ratio(&row.iops_rounds, &row.fio_iops_rounds);
+            row.p99_vs_fio = paired_ratio(&row.p99_rounds, &row.fio_p99_rounds);
         }
         let mut targets = Vec::new();
         for row in self.runs.iter().filter(|r| r.system != "fio") {
@@ -350,8 +376,10 @@ impl RingReport {
         let _ = writeln!(
             out,
             "\nQD = requests in flight per queue (fio: per job, numjobs = queues). CPU% and RSS: \
-             the serve process (100% = one core; peak RSS), fio's own for fio rows. Ratios: \
-             median over rounds of each round's ratio to fio at the same point."
+             the serve process (100% = one core; peak RSS), fio's own for fio rows (fio runs \
+             before and after the ferrotap runs of each point and round). Ratios: median \
+             over rounds of each round's ratio to fio at the same point, interpolated to \
+             the run's turn between those two."
         );
         if !self.targets.is_empty() {
             let _ = writeln!(out, "\ntargets:");
@@ -442,6 +470,16 @@ mod tests {
     }
 
     #[test]
+    fn fio_reference_is_interpolated_to_the_turn() {
+        let before = measured(120.0, 12.0, 50.0, 30.0);
+        let after = measured(80.0, 8.0, 50.0, 30.0);
+        let at = |weight| FioReference::between(&before, &after, weight);
+        assert_eq!((at(0.0).iops, at(0.0).p99_us), (120.0, 12.0));
+        assert_eq!((at(0.25).iops, at(0.25).p99_us), (110.0, 11.0));
+        assert_eq!((at(1.0).iops, at(1.0).p99_us), (80.0, 8.0));
+    }
+
+    #[test]
     fn ratios_pair_rounds_and_targets_pass_or_fail() {
         let shm = Backing {
             dir: "/dev/shm".into(),
@@ -457,7 +495,16 @@ mod tests {
         ];
         r.add("fio", qd32.clone(), Some(32), Format::Raw, &shm, 1, &fio);
         r.add("fio", qd1.clone(), Some(1), Format::Raw, &shm, 1, &fio);
-        // Round 2 was slow for both: raw is 0.9x fio in each round.
+        // Round 1 ran while the machine slowed down (fio 120 IOPS before, 80 after: 100 at
+        // the middle turn); round 2 was slow throughout. raw is 0.9x fio in each round.
+        let reference = [
+            FioReference::between(
+                &measured(120.0, 8.0, 50.0, 30.0),
+                &measured(80.0, 12.0, 50.0, 30.0),
+                0.5,
+            ),
+            FioReference::between(&fio[1], &fio[1], 0.75),
+        ];
         let raw = [
             measured(90.0, 12.0, 60.0, 5.0),
             measured(45.0, 24.0, 60.0, 5.0),
@@ -471,12 +518,25 @@ mod tests {
             1,
             &raw,
         );
+        r.set_fio_reference(&reference);
         let qcow2 = [
             measured(70.0, 30.0, 60.0, 40.0),
             measured(35.0, 60.0, 60.0, 40.0),
         ];
-        r.add("ferrotap", qd32, Some(32), Format::Qcow2, &shm, 1, &qcow2);
+        r.add(
+            "ferrotap",
+            qd32.clone(),
+            Some(32),
+            Format::Qcow2,
+            &shm,
+            1,
+            &qcow2,
+        );
+        r.set_fio_reference(&reference);
+        // Without a reference (fio failed in a round), no ratio.
+        r.add("ferrotap", qd32, Some(32), Format::Vhd, &shm, 1, &raw);
         r.add("ferrotap", qd1, Some(1), Format::Raw, &shm, 1, &raw);
+        r.set_fio_reference(&reference);
         r.add(
             "ferrotap",
             "idle".into(),
@@ -487,6 +547,7 @@ mod tests {
             &[measured(0.0, 0.0, 0.05, 9.0)],
         );
         r.set_wakeups(0.04);
+        r.set_fio_reference(&reference);
         r.add(
             "ferrotap[poll-us=50]",
             "idle-connected".into(),
@@ -508,6 +569,12 @@ mod tests {
         assert_eq!(row("raw", "randread-4k-qd32").iops_vs_fio, Some(0.9));
         assert_eq!(row("raw", "randread-4k-qd32").p99_vs_fio, Some(1.2));
         assert_eq!(row("qcow2", "randread-4k-qd32").iops_vs_fio, Some(0.7));
+        assert_eq!(row("vhd", "randread-4k-qd32").iops_vs_fio, None);
+        assert_eq!(
+            row("raw", "randread-4k-qd32").fio_iops_rounds,
+            [100.0, 50.0]
+        );
+        assert_eq!(row("raw", "randread-4k-qd32").fio_p99_rounds, [10.0, 20.0]);
         // The lower median of two rounds is the slower one.
         assert_eq!(row("raw", "randread-4k-qd32").measured.iops, 45.0);
         let verdict = |target: &str, row: &str| {
@@ -539,6 +606,12 @@ mod tests {
         assert_eq!(row("raw", "idle").wakeups_per_s, Some(0.0));
         // fio rows get no ratios and no targets.
         assert!(r.targets.iter().all(|t| !t.row.starts_with("fio")));
+        // The reference is kept off fio and idle rows.
+        assert!(r
+            .runs
+            .iter()
+            .filter(|row| row.system == "fio" || row.is_idle())
+            .all(|row| row.fio_iops_rounds.is_empty()));
         let table = r.render();
         assert!(table.contains("0.90x") && table.contains("FAIL"), "{table}");
     }
