@@ -144,6 +144,8 @@ pub(crate) struct QueueThread {
     pieces: Vec<Piece>,
     copies: Vec<CopySegment>,
     completions: Vec<Completion>,
+    /// When the batch of completions being handled was collected (`complete`'s clock).
+    batch_completed_at: Option<Instant>,
     job_results: Vec<JobResult>,
     /// Cleared `Slot::pages` and `Slot::copy_back` vectors of answered requests, reused.
     spare_pages: Vec<Vec<MappedPage>>,
@@ -250,6 +252,7 @@ impl QueueThread {
             pieces: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
             copies: Vec::with_capacity(max_indirect_segments.max(blkif::MAX_SEGMENTS_PER_REQUEST)),
             completions: Vec::with_capacity(depth as usize),
+            batch_completed_at: None,
             job_results: Vec::new(),
             spare_pages: Vec::new(),
             spare_copies: Vec::new(),
@@ -403,11 +406,17 @@ impl QueueThread {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine.wait(min_complete, timeout, &mut completions)?;
         let got = !completions.is_empty();
+        let mut result = Ok(());
         for completion in completions.drain(..) {
-            self.on_completion(completion)?;
+            result = self.on_completion(completion);
+            if result.is_err() {
+                break;
+            }
         }
+        // Outside a batch, `complete` reads the clock itself.
+        self.batch_completed_at = None;
         self.completions = completions;
-        Ok(got)
+        result.map(|()| got)
     }
 
     /// Spin for up to `window` for work, reading memory only: the ring (req_event is muted
@@ -575,6 +584,8 @@ impl QueueThread {
     /// submitted `SUBMIT_BATCH` requests at a time as they start.
     fn take_requests(&mut self) -> Result<()> {
         let mut started = 0usize;
+        // One clock read per pass: the requests it takes were on the ring together.
+        let mut pass_taken: Option<Instant> = None;
         loop {
             if self.exclusive_running {
                 return Ok(());
@@ -588,7 +599,7 @@ impl QueueThread {
                 {
                     Some(request) => {
                         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        (request, Instant::now())
+                        (request, *pass_taken.get_or_insert_with(Instant::now))
                     }
                     None => return Ok(()),
                 },
@@ -1262,7 +1273,10 @@ impl QueueThread {
         self.in_use -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(class) = s.class {
-            self.stats.latency[class].record(s.taken.elapsed().as_micros() as u64);
+            // One clock read per batch of completions: they came out of one wait.
+            let now = *self.batch_completed_at.get_or_insert_with(Instant::now);
+            let latency = now.saturating_duration_since(s.taken);
+            self.stats.latency[class].record(latency.as_micros() as u64);
         }
         if s.exclusive {
             self.exclusive_running = false;

@@ -359,10 +359,17 @@ unsafe fn transfer_now(opcode: u16, fd: RawFd, buf: u64, len: u32, offset: i64) 
     let buf = buf as usize as *mut libc::c_void;
     loop {
         let rc = match opcode {
+            // The system calls themselves, not libc's wrappers: those are thread
+            // cancellation points, and switching cancellation off and on around each call
+            // took 1.5% of serve's time at 600k reads a second.
             // SAFETY: `buf` holds `len` writable bytes (this function's contract).
-            IOCB_CMD_PREAD => unsafe { libc::pread(fd, buf, len as usize, offset) },
+            IOCB_CMD_PREAD => unsafe {
+                libc::syscall(libc::SYS_pread64, fd, buf, len as usize, offset)
+            },
             // SAFETY: `buf` holds `len` readable bytes (this function's contract).
-            IOCB_CMD_PWRITE => unsafe { libc::pwrite(fd, buf, len as usize, offset) },
+            IOCB_CMD_PWRITE => unsafe {
+                libc::syscall(libc::SYS_pwrite64, fd, buf, len as usize, offset)
+            },
             _ => return fdatasync(fd),
         };
         if rc >= 0 {
