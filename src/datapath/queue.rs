@@ -144,7 +144,8 @@ pub(crate) struct QueueThread {
     pieces: Vec<Piece>,
     copies: Vec<CopySegment>,
     completions: Vec<Completion>,
-    /// When the batch of completions being handled was collected (`complete`'s clock).
+    /// While `collect_completions` handles a batch: when the batch was collected, the
+    /// clock of every `complete` in it. None outside a batch.
     batch_completed_at: Option<Instant>,
     job_results: Vec<JobResult>,
     /// Cleared `Slot::pages` and `Slot::copy_back` vectors of answered requests, reused.
@@ -406,6 +407,9 @@ impl QueueThread {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine.wait(min_complete, timeout, &mut completions)?;
         let got = !completions.is_empty();
+        if got {
+            self.batch_completed_at = Some(Instant::now());
+        }
         let mut result = Ok(());
         for completion in completions.drain(..) {
             result = self.on_completion(completion);
@@ -413,7 +417,6 @@ impl QueueThread {
                 break;
             }
         }
-        // Outside a batch, `complete` reads the clock itself.
         self.batch_completed_at = None;
         self.completions = completions;
         result.map(|()| got)
@@ -584,8 +587,10 @@ impl QueueThread {
     /// submitted `SUBMIT_BATCH` requests at a time as they start.
     fn take_requests(&mut self) -> Result<()> {
         let mut started = 0usize;
-        // One clock read per pass: the requests it takes were on the ring together.
-        let mut pass_taken: Option<Instant> = None;
+        // One clock read per SUBMIT_BATCH requests taken, not one per request. Fresh
+        // for each group: on tmpfs every start reads its data at once, so a whole pass can
+        // take tens of microseconds.
+        let mut group_taken: Option<Instant> = None;
         loop {
             if self.exclusive_running {
                 return Ok(());
@@ -599,7 +604,7 @@ impl QueueThread {
                 {
                     Some(request) => {
                         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        (request, *pass_taken.get_or_insert_with(Instant::now))
+                        (request, *group_taken.get_or_insert_with(Instant::now))
                     }
                     None => return Ok(()),
                 },
@@ -609,8 +614,11 @@ impl QueueThread {
                 return Ok(());
             }
             started += 1;
-            if self.device_backed && started.is_multiple_of(SUBMIT_BATCH) {
-                self.engine.submit()?;
+            if started.is_multiple_of(SUBMIT_BATCH) {
+                group_taken = None;
+                if self.device_backed {
+                    self.engine.submit()?;
+                }
             }
         }
     }
@@ -1273,8 +1281,9 @@ impl QueueThread {
         self.in_use -= 1;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(class) = s.class {
-            // One clock read per batch of completions: they came out of one wait.
-            let now = *self.batch_completed_at.get_or_insert_with(Instant::now);
+            // One clock read per batch of completions; outside one (a request answered
+            // as it starts, e.g. a read of a hole) the clock is read here.
+            let now = self.batch_completed_at.unwrap_or_else(Instant::now);
             let latency = now.saturating_duration_since(s.taken);
             self.stats.latency[class].record(latency.as_micros() as u64);
         }
