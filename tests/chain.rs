@@ -438,3 +438,74 @@ fn block_status_agrees_with_qemu_img_map() {
         assert_eq!(checked, DISK_SIZE / granule, "qemu's map covers the disk");
     }
 }
+
+/// `Layer::map_cached` (what the datapath's queue threads map with) answers only from
+/// metadata in memory: on a freshly opened qemu image it declines where a VHD bitmap or a
+/// qcow2 L2 table would have to be read, and wherever it answers it says what `map` says.
+#[test]
+fn map_cached_declines_cold_metadata_and_agrees_with_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("base.raw");
+    let mut data = vec![0u8; DISK_SIZE as usize];
+    // Data in every other 512 KiB, so the maps hold data, holes and partial blocks.
+    for (i, chunk) in data.chunks_mut(512 << 10).enumerate().step_by(2) {
+        chunk.fill(i as u8 | 1);
+    }
+    data[(3 << 20) + 4096..(3 << 20) + 8192].fill(0x77);
+    std::fs::write(&raw, &data).unwrap();
+    let vhd = dir.path().join("disk.vhd");
+    let qcow2 = dir.path().join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "vpc", "-o", "subformat=dynamic"])
+        .arg(&raw)
+        .arg(&vhd));
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", "-o", "cluster_size=65536"])
+        .arg(&raw)
+        .arg(&qcow2));
+    // Partial VHD blocks need their bitmaps: qemu-io writes 4 KiB into a zero block.
+    run(Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", "write -P 0x42 1M 4k"])
+        .arg(&vhd));
+
+    let step = 4096u64;
+    for path in [&raw, &vhd, &qcow2] {
+        let image = Image::open(
+            path,
+            ImageOptions {
+                read_only: true,
+                ..ImageOptions::default()
+            },
+        )
+        .unwrap();
+        let layer = image.top();
+        let mut declined = 0;
+        for pass in 0..2 {
+            let mut offset = 0;
+            while offset < DISK_SIZE {
+                let len = (DISK_SIZE - offset).min(1 << 20);
+                let cached = layer.map_cached(offset, len).unwrap();
+                let mapped = layer.map(offset, len).unwrap();
+                match cached {
+                    Some(cached) => assert_eq!(cached, mapped, "{} at {offset}", path.display()),
+                    None => {
+                        assert_eq!(pass, 0, "{} at {offset}: map loaded it", path.display());
+                        declined += 1;
+                        // `map` just loaded what was missing.
+                        assert_eq!(layer.map_cached(offset, len).unwrap(), Some(mapped));
+                    }
+                }
+                offset += step;
+            }
+        }
+        if path == &raw {
+            assert_eq!(declined, 0, "raw has no metadata to miss");
+        } else {
+            assert!(
+                declined > 0,
+                "{}: nothing declined when cold",
+                path.display()
+            );
+        }
+    }
+}

@@ -423,3 +423,165 @@ fn auto_engine_follows_the_backing() {
         serve.close();
     }
 }
+
+/// Images made by qemu and served by a fresh `ferrotap serve`: none of their VHD bitmaps or
+/// qcow2 L2 tables is in memory yet. A queue thread never reads metadata itself; it hands
+/// a piece whose mapping misses to its worker. A full ring of reads and then of writes, at
+/// both depths of a chain, must still read back qemu's bytes and land where qemu finds
+/// them; the misses are counted, and once the metadata is in, the same blocks miss no more.
+#[test]
+fn metadata_misses_go_to_the_worker_and_keep_the_data_right() {
+    use ferrotap::blkif::op;
+
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let raw = dir.path().join("base.raw");
+    patterned_raw(&raw);
+    let vhd = dir.path().join("disk.vhd");
+    let qcow2 = dir.path().join("disk.qcow2");
+    for (image, format, opts) in [
+        (&vhd, "vpc", "subformat=dynamic"),
+        (&qcow2, "qcow2", "cluster_size=65536"),
+    ] {
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-O", format, "-o", opts])
+                .arg(&raw)
+                .arg(image),
+        );
+    }
+    // A qcow2 child over the VHD, holding one stretch of its own data: reads elsewhere
+    // miss in the child's L2 table and then in the parent's bitmaps.
+    let child = dir.path().join("child.qcow2");
+    qemu_img_create(&child, "qcow2", Some((&vhd, "vpc")));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x5a 8M 1M"])
+            .arg(&child),
+    );
+
+    let host = SimHost::new();
+    for (image, format) in [(&vhd, "vpc"), (&qcow2, "qcow2"), (&child, "qcow2")] {
+        let expected = guest_bytes(image, true);
+        let serve = host.serve("vbd", image, &[]);
+        let mut ring = FullRing::connect(&host, &serve);
+        for round in 0..2 {
+            ring.round_trip(op::READ, round);
+            for i in 0..RING_DEPTH {
+                let at = FullRing::page_of(round, i) * PAGE;
+                assert!(
+                    ring.page(i) == expected[at..at + PAGE],
+                    "{}: read at {at} differs from qemu's bytes",
+                    image.display()
+                );
+            }
+        }
+        let cold = metadata_misses(&serve);
+        assert!(
+            cold > 0,
+            "{}: a fresh serve missed nothing",
+            image.display()
+        );
+        ring.round_trip(op::READ, 1);
+        assert_eq!(
+            metadata_misses(&serve),
+            cold,
+            "{}: blocks already read missed again",
+            image.display()
+        );
+        drop(ring);
+        serve.close();
+
+        // Writes on a fresh serve: the mapping misses, the worker writes.
+        let serve = host.serve("vbd", image, &[]);
+        let mut ring = FullRing::connect(&host, &serve);
+        let mut want = expected;
+        for i in 0..RING_DEPTH {
+            let fill = 0xc0 ^ i as u8;
+            ring.fill_page(i, fill);
+            let at = FullRing::page_of(2, i) * PAGE;
+            want[at..at + PAGE].fill(fill);
+        }
+        ring.round_trip(op::WRITE, 2);
+        assert!(
+            metadata_misses(&serve) > 0,
+            "{}: writes on a fresh serve missed nothing",
+            image.display()
+        );
+        drop(ring);
+        serve.close();
+        assert!(
+            guest_bytes(image, true) == want,
+            "{}: the writes did not land",
+            image.display()
+        );
+        if format == "qcow2" {
+            run_ok(Command::new("qemu-img").args(["check"]).arg(image));
+        } else {
+            run_ok(ferrotap().args(["img", "check"]).arg(image));
+        }
+    }
+}
+
+const RING_DEPTH: usize = 32;
+const PAGE: usize = 4096;
+
+fn metadata_misses(serve: &common::host::Serve) -> u64 {
+    let stats = serve.ctl(&json!({"op": "stats"}));
+    stats["totals"]["metadata_misses"].as_u64().unwrap()
+}
+
+/// A one-page ring's worth of one-page requests, each with its own granted page, put on
+/// the ring together so the backend takes them as one batch.
+struct FullRing {
+    // Frames before the front: the guest's memory goes with the front.
+    pages: Vec<(u32, ferrotap::xensim::guest::Frame)>,
+    fe: ferrotap::xensim::blkfront::Blkfront,
+}
+
+impl FullRing {
+    fn connect(host: &SimHost, serve: &common::host::Serve) -> FullRing {
+        use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
+        let config = FrontConfig::new(host.path().to_path_buf(), serve.control.clone());
+        let fe = Blkfront::connect(&config).unwrap();
+        let pages = (0..RING_DEPTH)
+            .map(|_| {
+                let frame = fe.memory().alloc().unwrap();
+                let gref = fe.grants().alloc_ref().unwrap();
+                fe.grants().grant(gref, frame.gfn(), false).unwrap();
+                (gref, frame)
+            })
+            .collect();
+        FullRing { pages, fe }
+    }
+
+    /// Request `i` of round `round` covers this page of the disk: one per 2 MiB (a VHD
+    /// block each, spread over the qcow2 clusters), moved on by 16 pages a round.
+    fn page_of(round: usize, i: usize) -> usize {
+        i * ((DISK_MIB as usize) << 20) / RING_DEPTH / PAGE + round * 16
+    }
+
+    fn page(&self, i: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; PAGE];
+        self.pages[i].1.read(0, &mut bytes);
+        bytes
+    }
+
+    fn fill_page(&mut self, i: usize, byte: u8) {
+        self.pages[i].1.fill(byte);
+    }
+
+    fn round_trip(&mut self, operation: u8, round: usize) {
+        use common::blkif::{direct, whole_page, WAIT};
+        let queue = self.fe.queue_mut(0);
+        for (i, (gref, _)) in self.pages.iter().enumerate() {
+            let sector = (Self::page_of(round, i) * PAGE / 512) as u64;
+            let request = direct(operation, i as u64, sector, &[whole_page(*gref)]);
+            queue.put_raw(&request).unwrap();
+        }
+        queue.push().unwrap();
+        for _ in 0..RING_DEPTH {
+            let response = queue.wait_raw_response(WAIT).unwrap();
+            assert_eq!(response.status, ferrotap::blkif::status::OKAY);
+        }
+    }
+}

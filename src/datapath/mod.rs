@@ -195,6 +195,9 @@ pub struct QueueStats {
     pub notifications_sent: AtomicU64,
     pub wakeups: AtomicU64,
     pub persistent_grants: AtomicU64,
+    /// Pieces of requests mapped and done on the worker because their image metadata (a
+    /// VHD bitmap, a qcow2 L2 table) was not in memory.
+    pub metadata_misses: AtomicU64,
     /// Per class of [`OP_CLASSES`].
     pub latency: [LatencyHistogram; 4],
 }
@@ -215,6 +218,8 @@ pub struct QueueStatsSnapshot {
     pub notifications_sent: u64,
     pub wakeups: u64,
     pub persistent_grants: u64,
+    #[serde(default)]
+    pub metadata_misses: u64,
     pub latency: Latencies,
 }
 
@@ -235,6 +240,7 @@ impl QueueStats {
             notifications_sent: get(&self.notifications_sent),
             wakeups: get(&self.wakeups),
             persistent_grants: get(&self.persistent_grants),
+            metadata_misses: get(&self.metadata_misses),
             latency: Latencies {
                 read: self.latency[0].snapshot(),
                 write: self.latency[1].snapshot(),
@@ -263,6 +269,7 @@ impl QueueStatsSnapshot {
             total.notifications_sent += q.notifications_sent;
             total.wakeups += q.wakeups;
             total.persistent_grants += q.persistent_grants;
+            total.metadata_misses += q.metadata_misses;
             total.latency.add(&q.latency);
         }
         total

@@ -1083,7 +1083,22 @@ impl QueueThread {
                 return Ok(());
             }
             let want = (rest.len as u64).min(size - at);
-            let extent = layer.map(at, want)?;
+            let Some(extent) = layer.map_cached(at, want)? else {
+                // The mapping needs metadata read from the file: the worker maps and reads
+                // the rest of this piece, so the queue's other requests go on meanwhile.
+                self.stats.metadata_misses.fetch_add(1, Ordering::Relaxed);
+                let image = Arc::clone(&image);
+                self.submit_job(
+                    slot,
+                    Box::new(move || {
+                        // SAFETY: the slot keeps `rest` alive and untouched until this
+                        // job's result is collected.
+                        let buf = unsafe { rest.as_mut_slice() };
+                        image.read_below_layer(depth, buf, at)
+                    }),
+                );
+                return Ok(());
+            };
             let n = extent.len.min(want) as usize;
             // SAFETY: n <= rest.len.
             let part = unsafe { rest.slice(0, n) };
@@ -1149,15 +1164,19 @@ impl QueueThread {
         while done < memory.len {
             let at = pos + done as u64;
             let want = (memory.len - done) as u64;
-            let extent = top.map(at, want)?;
-            let n = extent.len.min(want) as usize;
+            let extent = top.map_cached(at, want)?;
+            if extent.is_none() {
+                self.stats.metadata_misses.fetch_add(1, Ordering::Relaxed);
+            }
+            // A miss writes the rest of the piece through the worker, which maps it there.
+            let n = extent.map_or(want, |e| e.len.min(want)) as usize;
             // SAFETY: done + n <= memory.len.
             let part = unsafe { memory.slice(done, n) };
-            match extent.mapping {
-                Mapping::Data {
+            match extent.map(|e| e.mapping) {
+                Some(Mapping::Data {
                     file_offset,
                     shared: false,
-                } if !top.file().is_direct() || aligned(part.ptr, n, file_offset) => {
+                }) if !top.file().is_direct() || aligned(part.ptr, n, file_offset) => {
                     let op = Op::Write {
                         fd: top.file().raw_fd(),
                         offset: file_offset,
@@ -1167,8 +1186,8 @@ impl QueueThread {
                     self.push_op(slot, op);
                 }
                 _ => {
-                    // Allocation, copy-on-write or an unaligned piece: the chain's own
-                    // write path, on the worker.
+                    // Allocation, copy-on-write, an unaligned piece or metadata to read:
+                    // the chain's own write path, on the worker.
                     let image = Arc::clone(&image);
                     self.submit_job(
                         slot,

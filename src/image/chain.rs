@@ -136,6 +136,13 @@ impl Image {
         read_layers(&self.layers, buf, offset)
     }
 
+    /// Fill `buf` with the guest bytes at `offset` as layer `depth` and those below it see
+    /// them (zeros past the chain's last layer).
+    pub fn read_below_layer(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        read_layers(self.layers.get(depth..).unwrap_or_default(), buf, offset)
+    }
+
     /// Write guest bytes at `offset` into the top layer.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;

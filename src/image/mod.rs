@@ -227,6 +227,13 @@ pub trait Layer: Send + Sync {
     /// Lock-free, O(1) per block or cluster.
     fn map(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// Like `map`, but `None` where the answer needs metadata that is not in memory (a VHD
+    /// sector bitmap, a qcow2 L2 table): never reads the file. The datapath's queue threads
+    /// map with this, and leave a miss to a thread that may block on the read.
+    fn map_cached(&self, offset: u64, len: u64) -> Result<Option<Extent>> {
+        self.map(offset, len).map(Some)
+    }
+
     /// Like `map`, but may look harder for zeros (holes in a raw file) for block status.
     fn status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.map(offset, len)

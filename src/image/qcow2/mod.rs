@@ -265,6 +265,67 @@ impl Qcow2Layer {
         }
     }
 
+    /// Map `[offset, offset+len)` as far as the L1 table (always in memory) tells.
+    fn map_range(&self, offset: u64, len: u64) -> Result<RangeMapping> {
+        let guest_cluster = offset >> self.cluster_bits;
+        let l1_index = guest_cluster >> self.l2_bits;
+        let table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits);
+        let max_len = len.min(table_end - offset);
+        let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok(RangeMapping::Known(Extent {
+                offset,
+                len: max_len,
+                mapping: Mapping::Parent,
+            }));
+        }
+        Ok(RangeMapping::NeedsTable(TableQuery {
+            offset,
+            max_len,
+            l1_index,
+            l2_offset,
+        }))
+    }
+
+    /// Answer a range from its L2 table: the first cluster's kind, extended over the
+    /// following entries of the same kind (O(1) per cluster).
+    fn map_in_table(&self, query: &TableQuery, table: &L2Table) -> Result<Extent> {
+        let cs = self.cs();
+        let (offset, max_len) = (query.offset, query.max_len);
+        let in_cluster = offset & (cs - 1);
+        let mut index = (offset >> self.cluster_bits) & (self.l2_entries() - 1);
+        let first = self.classify(table.get(index), table, index)?;
+        let mut got = (cs - in_cluster).min(max_len);
+        let mut clusters = 1;
+        while got < max_len {
+            index += 1;
+            let next = self.classify(table.get(index), table, index)?;
+            let continues = match (first, next) {
+                (
+                    Cluster::Data { host, copied },
+                    Cluster::Data {
+                        host: next_host,
+                        copied: next_copied,
+                    },
+                ) => copied == next_copied && next_host == host + clusters * cs,
+                (Cluster::Unallocated, Cluster::Unallocated)
+                | (Cluster::Zero { .. }, Cluster::Zero { .. })
+                | (Cluster::Compressed(_), Cluster::Compressed(_)) => true,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            got += cs.min(max_len - got);
+            clusters += 1;
+        }
+        Ok(Extent {
+            offset,
+            len: got,
+            mapping: self.mapping(first, in_cluster),
+        })
+    }
+
     /// Read a compressed cluster whole.
     fn read_compressed(&self, extent: CompressedExtent, out: &mut [u8]) -> Result<()> {
         let file_len = self.file.size()?;
@@ -325,6 +386,22 @@ impl Qcow2Layer {
     }
 }
 
+/// What the L1 table says about a guest range.
+enum RangeMapping {
+    Known(Extent),
+    /// An L2 table decides: the range's own, which may have to be read first.
+    NeedsTable(TableQuery),
+}
+
+/// A guest range within one L2 table's reach.
+struct TableQuery {
+    offset: u64,
+    /// At most to the end of what the table maps.
+    max_len: u64,
+    l1_index: u64,
+    l2_offset: u64,
+}
+
 impl Drop for Qcow2Layer {
     fn drop(&mut self) {
         if self.file.read_only() || self.corrupt {
@@ -361,53 +438,25 @@ impl Layer for Qcow2Layer {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let cs = self.cs();
-        let guest_cluster = offset >> self.cluster_bits;
-        let l1_index = guest_cluster >> self.l2_bits;
-        let table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits);
-        let max_len = len.min(table_end - offset);
-        let in_cluster = offset & (cs - 1);
-        let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
-        if l2_offset == 0 {
-            return Ok(Extent {
-                offset,
-                len: max_len,
-                mapping: Mapping::Parent,
-            });
-        }
-        let table = self.l2_table(l1_index, l2_offset)?;
-        let mut index = guest_cluster & (self.l2_entries() - 1);
-        let first = self.classify(table.get(index), &table, index)?;
-        let mut got = (cs - in_cluster).min(max_len);
-        let mut clusters = 1;
-        // Extend over following entries of the same kind (O(1) per cluster).
-        while got < max_len {
-            index += 1;
-            let next = self.classify(table.get(index), &table, index)?;
-            let continues = match (first, next) {
-                (
-                    Cluster::Data { host, copied },
-                    Cluster::Data {
-                        host: next_host,
-                        copied: next_copied,
-                    },
-                ) => copied == next_copied && next_host == host + clusters * cs,
-                (Cluster::Unallocated, Cluster::Unallocated)
-                | (Cluster::Zero { .. }, Cluster::Zero { .. })
-                | (Cluster::Compressed(_), Cluster::Compressed(_)) => true,
-                _ => false,
-            };
-            if !continues {
-                break;
+        match self.map_range(offset, len)? {
+            RangeMapping::Known(extent) => Ok(extent),
+            RangeMapping::NeedsTable(query) => {
+                let table = self.l2_table(query.l1_index, query.l2_offset)?;
+                self.map_in_table(&query, &table)
             }
-            got += cs.min(max_len - got);
-            clusters += 1;
         }
-        Ok(Extent {
-            offset,
-            len: got,
-            mapping: self.mapping(first, in_cluster),
-        })
+    }
+
+    fn map_cached(&self, offset: u64, len: u64) -> Result<Option<Extent>> {
+        match self.map_range(offset, len)? {
+            RangeMapping::Known(extent) => Ok(Some(extent)),
+            RangeMapping::NeedsTable(query) => {
+                match self.l2_cache.get(query.l1_index, query.l2_offset) {
+                    Some(table) => self.map_in_table(&query, &table).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
     }
 
     fn read_encoded(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -115,6 +115,14 @@ impl BitmapCache {
         Ok(result)
     }
 
+    /// Run `f` on the bitmap of `block` if it is cached; `None` otherwise.
+    pub fn with_cached<R>(&self, block: u32, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let seen = self.slot(block).load();
+        seen.as_ref()
+            .filter(|cached| cached.block == block)
+            .map(|cached| f(&cached.bits))
+    }
+
     /// Record the new on-disk bitmap of `block` (after it was written to the file).
     pub fn store(&self, block: u32, bits: Box<[u8]>) {
         self.slot(block)
@@ -178,5 +186,10 @@ mod tests {
         cache.store(7, vec![2u8; 512].into_boxed_slice());
         let updated = cache.with(7, || panic!("hit"), |b| b[0]).expect("hit");
         assert_eq!(updated, 2);
+        assert_eq!(cache.with_cached(7, |b| b[0]), Some(2));
+        // Block 7 + slots shares the slot but is not the block cached there.
+        let aliased = 7 + cache.slots.len() as u32;
+        assert_eq!(cache.with_cached(aliased, |b| b[0]), None);
+        assert_eq!(cache.with_cached(8, |b| b[0]), None);
     }
 }

@@ -212,48 +212,41 @@ impl VhdLayer {
         Ok(bits)
     }
 
-    fn map_sparse(&self, sparse: &Sparse, offset: u64, len: u64) -> Result<Extent> {
+    /// Map within one block, as far as the BAT and batmap (always in memory) tell.
+    fn map_block(&self, sparse: &Sparse, offset: u64, len: u64) -> Result<BlockMapping> {
         let block = offset / sparse.block_size;
         let within = offset % sparse.block_size;
         let len = len.min(sparse.block_size - within);
         let entry = sparse.entry(self.file.path(), block as u32)?;
         if entry == UNUSED {
-            return Ok(Extent {
+            return Ok(BlockMapping::Known(Extent {
                 offset,
                 len,
                 mapping: self.unstored(),
-            });
+            }));
         }
         let data_start = u64::from(entry) * SECTOR_SIZE + sparse.bitmap_bytes;
         let data = Mapping::Data {
             file_offset: data_start + within,
             shared: false,
         };
-        let block_index = block as u32;
-        if sparse
-            .batmap
-            .as_ref()
-            .is_some_and(|b| b.is_full(block_index))
-        {
-            return Ok(Extent {
+        let block = block as u32;
+        if sparse.batmap.as_ref().is_some_and(|b| b.is_full(block)) {
+            return Ok(BlockMapping::Known(Extent {
                 offset,
                 len,
                 mapping: data,
-            });
+            }));
         }
-        let sector = (within / SECTOR_SIZE) as usize;
-        let last = (within + len).div_ceil(SECTOR_SIZE) as usize;
-        let (stored, run) = sparse.bitmaps.with(
-            block_index,
-            || self.read_bitmap(sparse, entry),
-            |bits| bitmap::run(bits, sector, last - sector),
-        )?;
-        let run_end = (sector + run) as u64 * SECTOR_SIZE;
-        Ok(Extent {
+        Ok(BlockMapping::NeedsBitmap(BitmapQuery {
+            block,
+            entry,
             offset,
-            len: (run_end - within).min(len),
-            mapping: if stored { data } else { self.unstored() },
-        })
+            within,
+            len,
+            stored: data,
+            unstored: self.unstored(),
+        }))
     }
 
     fn parent_name(&self) -> Option<String> {
@@ -261,6 +254,54 @@ impl VhdLayer {
             .as_ref()
             .filter(|_| self.disk_type == DiskType::Differencing)
             .map(|s| locator::decode_parent_name(&s.header.parent_name))
+    }
+}
+
+/// A fixed disk stores every byte at its own offset.
+fn fixed_extent(offset: u64, len: u64) -> Extent {
+    Extent {
+        offset,
+        len,
+        mapping: Mapping::Data {
+            file_offset: offset,
+            shared: false,
+        },
+    }
+}
+
+/// What the BAT says about a range within one block.
+enum BlockMapping {
+    Known(Extent),
+    /// The block is allocated but not known full: its sector bitmap decides.
+    NeedsBitmap(BitmapQuery),
+}
+
+/// A range of an allocated block, to be answered from the block's sector bitmap.
+struct BitmapQuery {
+    block: u32,
+    /// The block's BAT entry: where its bitmap starts, in sectors.
+    entry: u32,
+    offset: u64,
+    /// `offset` within the block.
+    within: u64,
+    /// At most to the block's end.
+    len: u64,
+    stored: Mapping,
+    unstored: Mapping,
+}
+
+impl BitmapQuery {
+    /// The extent from `offset` over which the bitmap says the same.
+    fn answer(&self, bits: &[u8]) -> Extent {
+        let sector = (self.within / SECTOR_SIZE) as usize;
+        let last = (self.within + self.len).div_ceil(SECTOR_SIZE) as usize;
+        let (stored, run) = bitmap::run(bits, sector, last - sector);
+        let run_end = (sector + run) as u64 * SECTOR_SIZE;
+        Extent {
+            offset: self.offset,
+            len: (run_end - self.within).min(self.len),
+            mapping: if stored { self.stored } else { self.unstored },
+        }
     }
 }
 
@@ -301,17 +342,29 @@ impl Layer for VhdLayer {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        match &self.sparse {
-            None => Ok(Extent {
-                offset,
-                len,
-                mapping: Mapping::Data {
-                    file_offset: offset,
-                    shared: false,
-                },
-            }),
-            Some(sparse) => self.map_sparse(sparse, offset, len),
+        let Some(sparse) = &self.sparse else {
+            return Ok(fixed_extent(offset, len));
+        };
+        match self.map_block(sparse, offset, len)? {
+            BlockMapping::Known(extent) => Ok(extent),
+            BlockMapping::NeedsBitmap(query) => sparse.bitmaps.with(
+                query.block,
+                || self.read_bitmap(sparse, query.entry),
+                |bits| query.answer(bits),
+            ),
         }
+    }
+
+    fn map_cached(&self, offset: u64, len: u64) -> Result<Option<Extent>> {
+        let Some(sparse) = &self.sparse else {
+            return Ok(Some(fixed_extent(offset, len)));
+        };
+        Ok(match self.map_block(sparse, offset, len)? {
+            BlockMapping::Known(extent) => Some(extent),
+            BlockMapping::NeedsBitmap(query) => sparse
+                .bitmaps
+                .with_cached(query.block, |bits| query.answer(bits)),
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
