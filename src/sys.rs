@@ -84,3 +84,25 @@ pub fn is_tmpfs(fd: &impl AsRawFd) -> io::Result<bool> {
     }
     Ok(stat.f_type as libc::c_long == TMPFS_MAGIC)
 }
+
+/// The alignment O_DIRECT I/O on `fd` needs, for offsets, lengths and memory alike, when
+/// the kernel reports it (statx STATX_DIOALIGN, Linux 6.1 and later); `None` when not.
+pub fn direct_io_alignment(fd: &impl AsRawFd) -> Option<u32> {
+    // SAFETY: statx is plain old data; all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: with AT_EMPTY_PATH and an empty (NUL-terminated) path statx describes the fd
+    // itself, writing one statx through the pointer, which points at a live local.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align))
+}

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
+use ferrotap::image::file::AlignedBuf;
 use ferrotap::image::{self, CreateOptions, Format, Image, ImageOptions};
 
 fn create_raw(path: &Path, size: u64) {
@@ -51,6 +52,26 @@ fn direct_io_serves_unaligned_requests() {
         image.write_at(&data, offset).unwrap();
         model[offset as usize..offset as usize + len].copy_from_slice(&data);
     }
+    // Sector-aligned I/O from aligned memory: direct where the file system reports
+    // 512-byte O_DIRECT alignment, bounced where it needs 4 KiB.
+    let file = image.top().file();
+    let align = file.direct_align();
+    assert!(
+        align.is_power_of_two() && (512..=4096).contains(&align),
+        "{align}"
+    );
+    let mut sectors = AlignedBuf::zeroed(1536);
+    sectors.as_mut_slice().fill(0x6b);
+    let at = 17 * 512;
+    assert_eq!(
+        file.direct_aligned(sectors.as_slice().as_ptr(), 1536, at),
+        align == 512
+    );
+    image.write_at(sectors.as_slice(), at).unwrap();
+    model[at as usize..at as usize + 1536].fill(0x6b);
+    let mut back = AlignedBuf::zeroed(1536);
+    image.read_at(back.as_mut_slice(), at).unwrap();
+    assert!(back.as_slice() == sectors.as_slice());
     image.flush().unwrap();
     let mut whole = vec![0u8; 1 << 20];
     image.read_at(&mut whole, 0).unwrap();

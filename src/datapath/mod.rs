@@ -198,6 +198,9 @@ pub struct QueueStats {
     /// Pieces of requests mapped and done on the worker because their image metadata (a
     /// VHD bitmap, a qcow2 L2 table) was not in memory.
     pub metadata_misses: AtomicU64,
+    /// Pieces done on the worker through a bounce buffer because their memory, offset or
+    /// length is not aligned as the image file's O_DIRECT I/O needs.
+    pub unaligned_pieces: AtomicU64,
     /// Per class of [`OP_CLASSES`].
     pub latency: [LatencyHistogram; 4],
 }
@@ -218,8 +221,8 @@ pub struct QueueStatsSnapshot {
     pub notifications_sent: u64,
     pub wakeups: u64,
     pub persistent_grants: u64,
-    #[serde(default)]
     pub metadata_misses: u64,
+    pub unaligned_pieces: u64,
     pub latency: Latencies,
 }
 
@@ -241,6 +244,7 @@ impl QueueStats {
             wakeups: get(&self.wakeups),
             persistent_grants: get(&self.persistent_grants),
             metadata_misses: get(&self.metadata_misses),
+            unaligned_pieces: get(&self.unaligned_pieces),
             latency: Latencies {
                 read: self.latency[0].snapshot(),
                 write: self.latency[1].snapshot(),
@@ -270,6 +274,7 @@ impl QueueStatsSnapshot {
             total.wakeups += q.wakeups;
             total.persistent_grants += q.persistent_grants;
             total.metadata_misses += q.metadata_misses;
+            total.unaligned_pieces += q.unaligned_pieces;
             total.latency.add(&q.latency);
         }
         total

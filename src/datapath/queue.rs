@@ -28,7 +28,6 @@ use crate::blkif::{
 };
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::{Error, Result};
-use crate::image::file::DIRECT_ALIGN;
 use crate::image::{Image, Layer, Mapping};
 use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
 
@@ -171,12 +170,6 @@ fn copy_failed(segments: &[CopySegment]) -> Option<(u32, i16)> {
         .iter()
         .find(|s| s.status != gntst::OKAY)
         .map(|s| (s.gref, s.status))
-}
-
-fn aligned(ptr: NonNull<u8>, len: usize, offset: u64) -> bool {
-    (ptr.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-        && len.is_multiple_of(DIRECT_ALIGN)
-        && offset.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 impl QueueThread {
@@ -1135,7 +1128,7 @@ impl QueueThread {
         part: IoMemory,
     ) -> Result<()> {
         let file = layer.file();
-        if !file.is_direct() || aligned(part.ptr, part.len, file_offset) {
+        if !file.is_direct() || file.direct_aligned(part.ptr.as_ptr(), part.len, file_offset) {
             let op = Op::Read {
                 fd: file.raw_fd(),
                 offset: file_offset,
@@ -1144,6 +1137,7 @@ impl QueueThread {
             };
             self.push_op(slot, op);
         } else {
+            self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
             let layer = Arc::clone(layer);
             self.submit_job(
                 slot,
@@ -1172,11 +1166,22 @@ impl QueueThread {
             let n = extent.map_or(want, |e| e.len.min(want)) as usize;
             // SAFETY: done + n <= memory.len.
             let part = unsafe { memory.slice(done, n) };
-            match extent.map(|e| e.mapping) {
+            let in_place = match extent.map(|e| e.mapping) {
                 Some(Mapping::Data {
                     file_offset,
                     shared: false,
-                }) if !top.file().is_direct() || aligned(part.ptr, n, file_offset) => {
+                }) => {
+                    let direct_ok = !top.file().is_direct()
+                        || top.file().direct_aligned(part.ptr.as_ptr(), n, file_offset);
+                    if !direct_ok {
+                        self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
+                    }
+                    direct_ok.then_some(file_offset)
+                }
+                _ => None,
+            };
+            match in_place {
+                Some(file_offset) => {
                     let op = Op::Write {
                         fd: top.file().raw_fd(),
                         offset: file_offset,
@@ -1185,7 +1190,7 @@ impl QueueThread {
                     };
                     self.push_op(slot, op);
                 }
-                _ => {
+                None => {
                     // Allocation, copy-on-write, an unaligned piece or metadata to read:
                     // the chain's own write path, on the worker.
                     let image = Arc::clone(&image);

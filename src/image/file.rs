@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::sys;
 
-/// Memory and offset alignment used for O_DIRECT I/O; 4 KiB satisfies every device we meet.
+/// The coarsest memory and offset alignment O_DIRECT I/O is done with, and the one used
+/// where a file does not report its own: 4 KiB satisfies every device we meet.
 pub const DIRECT_ALIGN: usize = 4096;
+
+/// The finest: one sector.
+const MIN_DIRECT_ALIGN: usize = 512;
 
 /// How to open an image file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,8 +46,12 @@ pub struct ImageFile {
     path: PathBuf,
     mode: OpenMode,
     block_device: bool,
+    /// What O_DIRECT I/O on this file must be aligned to: what the kernel reports (512 on
+    /// most disks, so that a VHD's sector-aligned data blocks are read directly), else
+    /// `DIRECT_ALIGN`.
+    direct_align: usize,
     /// Held across each O_DIRECT read-modify-write: two writes to different sectors of one
-    /// 4 KiB block (from two threads) would otherwise each write back the block as it was
+    /// aligned unit (from two threads) would otherwise each write back the unit as it was
     /// before the other, and one would undo the other.
     bounce_lock: parking_lot::Mutex<()>,
 }
@@ -77,11 +85,18 @@ impl ImageFile {
         let meta = file
             .metadata()
             .map_err(|e| Error::io("stat", e).with_path(path))?;
+        let direct_align = sys::direct_io_alignment(&file)
+            .map(|align| align as usize)
+            .filter(|align| {
+                align.is_power_of_two() && (MIN_DIRECT_ALIGN..=DIRECT_ALIGN).contains(align)
+            })
+            .unwrap_or(DIRECT_ALIGN);
         Ok(ImageFile {
             file,
             path: path.to_path_buf(),
             mode,
             block_device: meta.file_type().is_block_device(),
+            direct_align,
             bounce_lock: parking_lot::Mutex::new(()),
         })
     }
@@ -96,6 +111,20 @@ impl ImageFile {
 
     pub fn is_direct(&self) -> bool {
         self.mode.direct
+    }
+
+    /// The alignment of offset, length and memory that O_DIRECT I/O on this file needs.
+    pub fn direct_align(&self) -> usize {
+        self.direct_align
+    }
+
+    /// Whether O_DIRECT I/O of `len` bytes at `ptr` to or from `offset` may go to the
+    /// file as it is, without a bounce buffer.
+    pub fn direct_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        let align = self.direct_align;
+        (ptr as usize).is_multiple_of(align)
+            && len.is_multiple_of(align)
+            && offset.is_multiple_of(align as u64)
     }
 
     pub fn is_block_device(&self) -> bool {
@@ -158,7 +187,7 @@ impl ImageFile {
 
     /// Fill `buf` from `offset`; reading past the end of the file is an error naming where.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if self.mode.direct && !is_direct_aligned(buf.as_ptr(), buf.len(), offset) {
+        if self.mode.direct && !self.direct_aligned(buf.as_ptr(), buf.len(), offset) {
             return self.read_bounced(buf, offset);
         }
         self.file.read_exact_at(buf, offset).map_err(|e| {
@@ -176,7 +205,7 @@ impl ImageFile {
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        if self.mode.direct && !is_direct_aligned(data.as_ptr(), data.len(), offset) {
+        if self.mode.direct && !self.direct_aligned(data.as_ptr(), data.len(), offset) {
             return self.write_bounced(data, offset);
         }
         self.file
@@ -269,15 +298,15 @@ impl ImageFile {
         }
     }
 
-    fn aligned_span(offset: u64, len: usize) -> (u64, usize) {
-        let align = DIRECT_ALIGN as u64;
+    fn aligned_span(&self, offset: u64, len: usize) -> (u64, usize) {
+        let align = self.direct_align as u64;
         let start = offset / align * align;
         let end = (offset + len as u64).div_ceil(align) * align;
         (start, (end - start) as usize)
     }
 
     fn read_bounced(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let (start, span) = Self::aligned_span(offset, buf.len());
+        let (start, span) = self.aligned_span(offset, buf.len());
         let mut bounce = AlignedBuf::zeroed(span);
         let got = self.read_direct_upto(bounce.as_mut_slice(), start)?;
         let skip = (offset - start) as usize;
@@ -310,7 +339,7 @@ impl ImageFile {
     // Read-modify-write of the aligned span, one at a time per file.
     fn write_bounced(&self, data: &[u8], offset: u64) -> Result<()> {
         let _one_at_a_time = self.bounce_lock.lock();
-        let (start, span) = Self::aligned_span(offset, data.len());
+        let (start, span) = self.aligned_span(offset, data.len());
         let mut bounce = AlignedBuf::zeroed(span);
         self.read_direct_upto(bounce.as_mut_slice(), start)?;
         let skip = (offset - start) as usize;
@@ -326,13 +355,6 @@ impl ImageFile {
         }
         Ok(())
     }
-}
-
-fn is_direct_aligned(ptr: *const u8, len: usize, offset: u64) -> bool {
-    let align = DIRECT_ALIGN;
-    (ptr as usize).is_multiple_of(align)
-        && len.is_multiple_of(align)
-        && offset.is_multiple_of(align as u64)
 }
 
 /// A heap buffer whose start is aligned for O_DIRECT, built without `unsafe`.

@@ -48,7 +48,7 @@ impl Qcow2Layer {
             }),
             corrupt: header.incompatible & INCOMPAT_CORRUPT != 0,
             writes_serialized: header.incompatible & INCOMPAT_CORRUPT != 0
-                || (file.is_direct() && cs < crate::image::file::DIRECT_ALIGN as u64),
+                || (file.is_direct() && cs < file.direct_align() as u64),
             dirty_set: AtomicBool::new(false),
             snapshots,
             backing,
