@@ -90,15 +90,17 @@ pub fn is_tmpfs(fd: &impl AsRawFd) -> io::Result<bool> {
 pub fn direct_io_alignment(fd: &impl AsRawFd) -> Option<u32> {
     // SAFETY: statx is plain old data; all-zero bytes are a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // The raw system call, not glibc's wrapper: dom0s with a glibc older than 2.28 lack it.
     // SAFETY: with AT_EMPTY_PATH and an empty (NUL-terminated) path statx describes the fd
     // itself, writing one statx through the pointer, which points at a live local.
     let rc = unsafe {
-        libc::statx(
+        libc::syscall(
+            libc::SYS_statx,
             fd.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
             libc::STATX_DIOALIGN,
-            &mut stx,
+            &mut stx as *mut libc::statx,
         )
     };
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
