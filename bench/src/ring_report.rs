@@ -124,6 +124,7 @@ pub struct RingConfig {
     pub front_poll_us: u64,
     /// Extra arguments every serve of the matrix got.
     pub serve_args: Vec<String>,
+    /// Base of every run's seed (`Turn::seed` in ring.rs).
     pub seed: u64,
     pub qcow2: &'static str,
     pub vhd: &'static str,
