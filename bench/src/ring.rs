@@ -1062,4 +1062,18 @@ mod tests {
             "read-1m-qd8"
         );
     }
+
+    /// No two runs of a full benchmark, ramps included, share a seed: every round has
+    /// at most 5 turns per point (fio, raw, VHD, qcow2, fio).
+    #[test]
+    fn every_run_and_ramp_has_its_own_seed() {
+        let mut seen = std::collections::HashSet::new();
+        for round in 1..=20 {
+            for index in 0..5 {
+                let seed = Turn { round, index }.seed();
+                assert!(seen.insert(seed), "round {round} turn {index}");
+                assert!(seen.insert(seed + 1), "ramp of round {round} turn {index}");
+            }
+        }
+    }
 }
