@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{open_rw, read_all, run_ok};
+use common::{open_ro, open_rw, read_all, run_ok};
 use ferrotap::error::ErrorKind;
 use ferrotap::image::{
     self, CreateBacking, CreateOptions, Format, Image, ImageOptions, MAX_CHAIN_DEPTH,
@@ -412,14 +412,7 @@ fn block_status_agrees_with_qemu_img_map() {
             .args(["map", "--output", "json"])
             .arg(path));
         let qemu: Vec<QemuMapEntry> = serde_json::from_slice(&output).unwrap();
-        let image = Image::open(
-            path,
-            ImageOptions {
-                read_only: true,
-                ..ImageOptions::default()
-            },
-        )
-        .unwrap();
+        let image = open_ro(path);
         let mut checked = 0;
         for entry in &qemu {
             let mut offset = entry.start;
@@ -470,14 +463,7 @@ fn map_cached_declines_cold_metadata_and_agrees_with_map() {
 
     let step = 4096u64;
     for path in [&raw, &vhd, &qcow2] {
-        let image = Image::open(
-            path,
-            ImageOptions {
-                read_only: true,
-                ..ImageOptions::default()
-            },
-        )
-        .unwrap();
+        let image = open_ro(path);
         let layer = image.top();
         let mut declined = 0;
         for pass in 0..2 {

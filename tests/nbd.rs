@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{create_vhd, run_ok};
-use ferrotap::image::{Image, ImageOptions};
+use common::{create_vhd, open_ro, run_ok};
 use ferrotap::nbd::proto::*;
 use tempfile::TempDir;
 
@@ -156,14 +155,7 @@ fn qemu_map_data(target: &str) -> Vec<(u64, u64)> {
 
 /// The ranges the chain itself says hold data (what block status must report).
 fn chain_data(path: &Path) -> Vec<(u64, u64)> {
-    let image = Image::open(
-        path,
-        ImageOptions {
-            read_only: true,
-            ..ImageOptions::default()
-        },
-    )
-    .unwrap();
+    let image = open_ro(path);
     let mut data = Vec::new();
     let mut offset = 0;
     while offset < image.virtual_size() {

@@ -1,10 +1,13 @@
 //! Hostile and damaged qcow2 images: every one gives an error naming the file, the field
 //! and its offset (or a check finding doing so); none panics or allocates unboundedly.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::open_ro;
 use ferrotap::error::{Error, ErrorKind};
 use ferrotap::image::{self, CreateOptions, Format, Image, ImageOptions, OpenMode};
 use proptest::prelude::*;
@@ -167,14 +170,7 @@ fn l1_entry_past_the_end_of_the_file() {
 }
 
 fn read_err(path: &Path, offset: u64) -> Error {
-    let image = Image::open(
-        path,
-        ImageOptions {
-            read_only: true,
-            ..ImageOptions::default()
-        },
-    )
-    .unwrap();
+    let image = open_ro(path);
     let mut buf = vec![0u8; 4096];
     image.read_at(&mut buf, offset).unwrap_err()
 }

@@ -7,8 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{open_rw, run_ok};
-use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, ImageOptions, OpenMode};
+use common::{open_ro, open_rw, run_ok};
+use ferrotap::image::{self, CreateBacking, CreateOptions, Format, Image, OpenMode};
 
 fn run(program: &str, args: &[&str]) -> std::process::Output {
     run_ok(Command::new(program).args(args))
@@ -38,14 +38,7 @@ fn qemu_raw(path: &Path) -> Vec<u8> {
 }
 
 fn ferrotap_read(path: &Path) -> Vec<u8> {
-    let image = Image::open(
-        path,
-        ImageOptions {
-            read_only: true,
-            ..ImageOptions::default()
-        },
-    )
-    .unwrap();
+    let image = open_ro(path);
     let mut buf = vec![0u8; image.virtual_size() as usize];
     // Read in odd-sized pieces so requests straddle clusters.
     let mut off = 0;

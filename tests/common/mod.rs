@@ -41,6 +41,15 @@ pub fn open_rw(path: &Path) -> Image {
     Image::open(path, ImageOptions::default()).unwrap()
 }
 
+/// Open an image chain read-only.
+pub fn open_ro(path: &Path) -> Image {
+    let options = ImageOptions {
+        read_only: true,
+        ..ImageOptions::default()
+    };
+    Image::open(path, options).unwrap()
+}
+
 /// The whole virtual disk of `image`.
 pub fn read_all(image: &Image) -> Vec<u8> {
     let mut data = vec![0u8; image.virtual_size() as usize];
