@@ -1128,7 +1128,7 @@ impl QueueThread {
         part: IoMemory,
     ) -> Result<()> {
         let file = layer.file();
-        if !file.is_direct() || file.direct_aligned(part.ptr.as_ptr(), part.len, file_offset) {
+        if !file.needs_bounce(part.ptr.as_ptr(), part.len, file_offset) {
             let op = Op::Read {
                 fd: file.raw_fd(),
                 offset: file_offset,
@@ -1171,12 +1171,11 @@ impl QueueThread {
                     file_offset,
                     shared: false,
                 }) => {
-                    let direct_ok = !top.file().is_direct()
-                        || top.file().direct_aligned(part.ptr.as_ptr(), n, file_offset);
-                    if !direct_ok {
+                    let bounce = top.file().needs_bounce(part.ptr.as_ptr(), n, file_offset);
+                    if bounce {
                         self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
                     }
-                    direct_ok.then_some(file_offset)
+                    (!bounce).then_some(file_offset)
                 }
                 _ => None,
             };

@@ -118,13 +118,15 @@ impl ImageFile {
         self.direct_align
     }
 
-    /// Whether O_DIRECT I/O of `len` bytes at `ptr` to or from `offset` may go to the
-    /// file as it is, without a bounce buffer.
-    pub fn direct_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+    /// Whether I/O of `len` bytes at `ptr` to or from `offset` must go through a bounce
+    /// buffer: the file is opened O_DIRECT and memory, length or offset is not aligned as
+    /// it needs.
+    pub fn needs_bounce(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
         let align = self.direct_align;
-        (ptr as usize).is_multiple_of(align)
-            && len.is_multiple_of(align)
-            && offset.is_multiple_of(align as u64)
+        self.mode.direct
+            && !((ptr as usize).is_multiple_of(align)
+                && len.is_multiple_of(align)
+                && offset.is_multiple_of(align as u64))
     }
 
     pub fn is_block_device(&self) -> bool {
@@ -187,7 +189,7 @@ impl ImageFile {
 
     /// Fill `buf` from `offset`; reading past the end of the file is an error naming where.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if self.mode.direct && !self.direct_aligned(buf.as_ptr(), buf.len(), offset) {
+        if self.needs_bounce(buf.as_ptr(), buf.len(), offset) {
             return self.read_bounced(buf, offset);
         }
         self.file.read_exact_at(buf, offset).map_err(|e| {
@@ -205,7 +207,7 @@ impl ImageFile {
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        if self.mode.direct && !self.direct_aligned(data.as_ptr(), data.len(), offset) {
+        if self.needs_bounce(data.as_ptr(), data.len(), offset) {
             return self.write_bounced(data, offset);
         }
         self.file
