@@ -476,7 +476,7 @@ fn metadata_misses_go_to_the_worker_and_keep_the_data_right() {
                 );
             }
         }
-        let cold = metadata_misses(&serve);
+        let cold = serve_stat(&serve, "metadata_misses");
         assert!(
             cold > 0,
             "{}: a fresh serve missed nothing",
@@ -498,7 +498,7 @@ fn metadata_misses_go_to_the_worker_and_keep_the_data_right() {
         }
         ring.round_trip(op::READ, 1);
         assert_eq!(
-            metadata_misses(&serve),
+            serve_stat(&serve, "metadata_misses"),
             cold,
             "{}: blocks already read missed again",
             image.display()
@@ -518,7 +518,7 @@ fn metadata_misses_go_to_the_worker_and_keep_the_data_right() {
         }
         ring.round_trip(op::WRITE, 2);
         assert!(
-            metadata_misses(&serve) > 0,
+            serve_stat(&serve, "metadata_misses") > 0,
             "{}: writes on a fresh serve missed nothing",
             image.display()
         );
@@ -543,10 +543,6 @@ const PAGE: usize = 4096;
 fn serve_stat(serve: &common::host::Serve, name: &str) -> u64 {
     let stats = serve.ctl(&json!({"op": "stats"}));
     stats["totals"][name].as_u64().unwrap()
-}
-
-fn metadata_misses(serve: &common::host::Serve) -> u64 {
-    serve_stat(serve, "metadata_misses")
 }
 
 /// A one-page ring's worth of one-page requests, each with its own granted page, put on

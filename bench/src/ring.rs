@@ -93,7 +93,7 @@ pub struct RingArgs {
 /// pairs, higher in 11), as a sleeping blkfront's wake-up (30-45 µs here) no longer sits
 /// between each burst's responses and its refill.
 const DEFAULT_FRONT_POLL_US: u64 = 500;
-/// Base of the seeds of the random patterns (see `run_seed`).
+/// Base of the seeds of the random patterns (see `Turn::seed`).
 const SEED: u64 = 0x5eed_f00d;
 /// Requests of the x86_64 protocol in one ring page (32 of 112 bytes after the header).
 const REQUESTS_PER_RING_PAGE: u32 = 32;
@@ -898,7 +898,7 @@ impl Turn {
     /// Every run of a round, fio's opening and closing runs included, reads offsets of its
     /// own. A run re-reading offsets another read seconds before is faster on a virtual disk
     /// whose host caches what it reads: in a slow spell fio re-reading its offsets ran at
-    /// 19k-33k IOPS (4 KiB random reads, QD32) and at 7k-15k with fresh ones, so with one
+    /// 19k-39k IOPS (4 KiB random reads, QD32) and at 7k-15k with fresh ones, so with one
     /// seed for all, fio's closing run, the same offsets as its opening run, was favoured.
     /// Even seeds: a ferrotap run's ramp takes the odd one after its seed.
     fn seed(self) -> u64 {
