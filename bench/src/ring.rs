@@ -1,7 +1,7 @@
 //! The ring benchmark: `ferrotap serve` on a simulated Xen host (xensim), driven by the
 //! simulated blkfront (`ferrotap xensim blkfront`, a process of its own) as load generator,
-//! beside `fio --ioengine=io_uring --direct=1` on the raw file of the same backing, in one
-//! run. Also the idle cost of a serve process, and (`--options`) serve's options compared.
+//! beside `fio --ioengine=io_uring --direct=1` on the same file (reads: each format's
+//! image; writes: the raw image), in one run. Also the idle cost of a serve process, and (`--options`) serve's options compared.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -67,7 +67,7 @@ pub struct RingArgs {
     /// Only these queue counts (repeat; the full matrix has 1 and 2).
     #[arg(long = "queues", value_name = "N")]
     only_queues: Vec<u32>,
-    /// Only these formats for ferrotap (repeat: raw, vhd, qcow2); fio always runs.
+    /// Only these formats for ferrotap (repeat: raw, vhd, qcow2); fio always runs on raw.
     #[arg(long = "format", value_name = "FORMAT")]
     only_formats: Vec<String>,
     /// The load generator's hybrid wait: the blkfront spins this many microseconds on its
@@ -242,27 +242,70 @@ impl Variant {
     }
 }
 
-/// What is measured at one point: fio on the raw file, or ferrotap on one format.
+/// What is measured at one point: fio on one format's image file, or ferrotap serving it.
 #[derive(Debug, Clone)]
 enum System {
-    Fio,
+    Fio(Format),
     Ferrotap(Format, Variant),
 }
 
 impl System {
     fn label(&self) -> &str {
         match self {
-            System::Fio => "fio",
+            System::Fio(_) => "fio",
             System::Ferrotap(_, variant) => &variant.label,
         }
     }
 
     fn format(&self) -> Format {
         match self {
-            System::Fio => Format::Raw,
-            System::Ferrotap(format, _) => *format,
+            System::Fio(format) | System::Ferrotap(format, _) => *format,
         }
     }
+}
+
+/// fio's runs on one file around the ferrotap runs compared with them (indices into the
+/// systems of the run).
+#[derive(Debug, PartialEq)]
+struct Bracket {
+    fio: usize,
+    members: Vec<usize>,
+}
+
+/// The order of a point's runs in a round. Reads: each format's ferrotap runs between two
+/// fio runs on that format's own file. Over a virtual disk whose host caches what it reads,
+/// a file read more lately reads faster; with fio on the raw file alone, the raw file was
+/// read three times a round and VHD and qcow2 once, which favoured raw. Writes: every
+/// ferrotap run between two fio runs on the raw file (fio writing into a VHD or qcow2 file
+/// would overwrite its metadata).
+fn brackets(systems: &[System], workload: RingWorkload) -> Vec<Bracket> {
+    let fio_on = |format: Format| {
+        systems
+            .iter()
+            .position(|s| matches!(s, System::Fio(f) if *f == format))
+    };
+    let mut out: Vec<Bracket> = Vec::new();
+    for (s, system) in systems.iter().enumerate() {
+        let System::Ferrotap(format, _) = system else {
+            continue;
+        };
+        let reference = if workload.pattern.is_write() {
+            Format::Raw
+        } else {
+            *format
+        };
+        let Some(fio) = fio_on(reference) else {
+            continue;
+        };
+        match out.iter_mut().find(|b| b.fio == fio) {
+            Some(bracket) => bracket.members.push(s),
+            None => out.push(Bracket {
+                fio,
+                members: vec![s],
+            }),
+        }
+    }
+    out
 }
 
 /// Sizes, times and binaries of a run.
@@ -735,12 +778,13 @@ pub fn run(args: &RingArgs) -> Result<()> {
     if points.is_empty() || formats.is_empty() {
         return Err("--workload/--queues/--format leave nothing to measure".into());
     }
-    // fio runs on the raw image of each round, made even when ferrotap's raw is left out.
+    // fio writes to the raw image of each round, made even when ferrotap's raw is left out.
     let mut image_formats = formats.clone();
     if !image_formats.contains(&Format::Raw) {
         image_formats.insert(0, Format::Raw);
     }
-    let mut systems = vec![System::Fio];
+    // fio on every image file: raw for every point, each format's own for reads (`brackets`).
+    let mut systems: Vec<System> = image_formats.iter().map(|&f| System::Fio(f)).collect();
     for variant in &variants {
         systems.extend(
             formats
@@ -799,7 +843,6 @@ fn run_backing(
     // interpolated to that system's turn between fio's runs before and after it.
     let mut references = vec![vec![Vec::<FioReference>::new(); systems.len()]; points.len()];
     let mut failed = vec![vec![false; systems.len()]; points.len()];
-    let fio_system = systems.iter().position(|s| matches!(s, System::Fio));
     for round in 1..=plan.rounds {
         // Fresh images every round: on tmpfs the same syscalls cost up to ~15% more or less
         // from one file to another, so the median over rounds is also one over files.
@@ -817,51 +860,62 @@ fn run_backing(
                 }),
             }
         }
+        let image_of = |system: &System| {
+            images
+                .iter()
+                .find(|(f, _)| *f == system.format())
+                .map(|(_, image)| image)
+        };
         for (p, point) in points.iter().enumerate() {
-            // fio runs first and again after the ferrotap systems: a shared machine drifts
-            // within seconds (the disk's own QD32 IOPS went 7k -> 57k over 16 runs in a row
-            // of 1.8 s), so each ferrotap run is compared with fio interpolated to its turn.
-            let mut opening: Option<Measured> = None;
-            let mut turns: Vec<(usize, usize)> = Vec::new();
+            // Turns count every run of the point in this round, so that each has a seed of
+            // its own.
             let mut turn = 0usize;
-            for (s, system) in systems.iter().enumerate() {
-                let Some((_, image)) = images.iter().find(|(f, _)| *f == system.format()) else {
-                    continue; // could not be made; the skip says why
-                };
+            let mut measure = |s: usize, turn: &mut usize, report: &mut RingReport| {
+                let system = &systems[s];
+                let image = image_of(system)?; // could not be made; the skip says why
                 if failed[p][s] {
-                    continue;
+                    return None;
                 }
-                let at = Turn { round, index: turn };
-                let Some(m) = measure_turn(plan, backing, point, system, image, at, report) else {
-                    failed[p][s] = true;
+                let at = Turn {
+                    round,
+                    index: *turn,
+                };
+                *turn += 1;
+                let m = measure_turn(plan, backing, point, system, image, at, report);
+                match m {
+                    Some(m) => measured[p][s].push(m),
+                    None => failed[p][s] = true,
+                }
+                m
+            };
+            for bracket in brackets(systems, point.workload) {
+                // fio runs first and again after the ferrotap systems: a shared machine
+                // drifts within seconds (the disk's own QD32 IOPS went 7k -> 57k over 16 runs
+                // in a row of 1.8 s), so each ferrotap run is compared with fio
+                // interpolated to its turn.
+                let first = turn;
+                let opening = measure(bracket.fio, &mut turn, report);
+                let mut turns: Vec<(usize, usize)> = Vec::new();
+                for &s in &bracket.members {
+                    let at = turn;
+                    if measure(s, &mut turn, report).is_some() {
+                        turns.push((s, at - first));
+                    }
+                }
+                let Some(opening) = opening else {
                     continue;
                 };
-                match system {
-                    System::Fio => opening = Some(m),
-                    System::Ferrotap(..) => turns.push((s, turn)),
+                if turns.is_empty() {
+                    continue;
                 }
-                measured[p][s].push(m);
-                turn += 1;
-            }
-            let (Some(opening), Some(fio_index)) = (opening, fio_system) else {
-                continue;
-            };
-            if turns.is_empty() {
-                continue;
-            }
-            let fio = &systems[fio_index];
-            let Some((_, image)) = images.iter().find(|(f, _)| *f == fio.format()) else {
-                continue;
-            };
-            let at = Turn { round, index: turn };
-            let Some(closing) = measure_turn(plan, backing, point, fio, image, at, report) else {
-                failed[p][fio_index] = true;
-                continue;
-            };
-            measured[p][fio_index].push(closing);
-            for (s, at) in turns {
-                let weight = at as f64 / turn as f64;
-                references[p][s].push(FioReference::between(&opening, &closing, weight));
+                let last = turn - first;
+                let Some(closing) = measure(bracket.fio, &mut turn, report) else {
+                    continue;
+                };
+                for (s, at) in turns {
+                    let weight = at as f64 / last as f64;
+                    references[p][s].push(FioReference::between(&opening, &closing, weight));
+                }
             }
         }
     }
@@ -919,7 +973,7 @@ fn measure_turn(
 ) -> Option<Measured> {
     let round = at.round;
     let result = match system {
-        System::Fio => fio::run(
+        System::Fio(_) => fio::run(
             image.path(),
             &fio_config(plan, backing, point.workload, point.queues, at.seed()),
         ),
@@ -1064,16 +1118,63 @@ mod tests {
     }
 
     /// No two runs of a full benchmark, ramps included, share a seed: every round has
-    /// at most 5 turns per point (fio, raw, VHD, qcow2, fio).
+    /// at most 9 turns per point (fio, ferrotap, fio for each of raw, VHD and qcow2).
     #[test]
     fn every_run_and_ramp_has_its_own_seed() {
         let mut seen = std::collections::HashSet::new();
         for round in 1..=20 {
-            for index in 0..5 {
+            for index in 0..9 {
                 let seed = Turn { round, index }.seed();
                 assert!(seen.insert(seed), "round {round} turn {index}");
                 assert!(seen.insert(seed + 1), "ramp of round {round} turn {index}");
             }
         }
+    }
+
+    /// Reads compare each format with fio on its own file, writes every format with fio on
+    /// the raw file; variants of one format share its bracket.
+    #[test]
+    fn reads_are_bracketed_by_fio_on_their_own_file() {
+        let variant = |label: &str| Variant {
+            label: label.into(),
+            ..Variant::default_settings(true, Vec::new())
+        };
+        let systems = vec![
+            System::Fio(Format::Raw),
+            System::Fio(Format::Vhd),
+            System::Fio(Format::Qcow2),
+            System::Ferrotap(Format::Raw, variant("a")),
+            System::Ferrotap(Format::Vhd, variant("a")),
+            System::Ferrotap(Format::Qcow2, variant("a")),
+            System::Ferrotap(Format::Raw, variant("b")),
+        ];
+        let bracket = |fio, members: &[usize]| Bracket {
+            fio,
+            members: members.to_vec(),
+        };
+        for pattern in [Workload::RandRead, Workload::SeqRead] {
+            assert_eq!(
+                brackets(&systems, RingWorkload::new(pattern, 32)),
+                [bracket(0, &[3, 6]), bracket(1, &[4]), bracket(2, &[5])]
+            );
+        }
+        for pattern in [Workload::RandWrite, Workload::SeqWrite] {
+            assert_eq!(
+                brackets(&systems, RingWorkload::new(pattern, 32)),
+                [bracket(0, &[3, 4, 5, 6])]
+            );
+        }
+        // A format without its fio system is left out rather than compared with another file.
+        assert_eq!(
+            brackets(
+                &systems[..1]
+                    .iter()
+                    .chain(&systems[3..5])
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                RingWorkload::new(Workload::RandRead, 1)
+            ),
+            [bracket(0, &[1])]
+        );
     }
 }

@@ -60,7 +60,8 @@ pub struct RingRow {
     pub iops_rounds: Vec<f64>,
     pub p99_rounds: Vec<f64>,
     /// ferrotap rows: fio's IOPS and p99 at the same point in each round, interpolated to
-    /// this row's turn between fio's runs before and after the round's ferrotap runs.
+    /// this row's turn between fio's runs on the same file before and after it (reads:
+    /// this format's image file; writes: the raw file).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fio_iops_rounds: Vec<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -309,7 +310,8 @@ impl RingReport {
         let _ = writeln!(
             out,
             "\nring ({} mode): ferrotap serve on xensim + the Rust blkfront, beside fio \
-             (io_uring, direct) on the raw file; {} MiB images, {} ms per point and round \
+             (io_uring, direct) on the same file (reads: each format's image file; writes: the raw \
+             file); {} MiB images, {} ms per point and round \
              after a {} ms ramp, median of {} round(s); frontend {}, polls {} µs for \
              responses before sleeping; {}",
             c.mode,
@@ -378,9 +380,9 @@ impl RingReport {
             out,
             "\nQD = requests in flight per queue (fio: per job, numjobs = queues). CPU% and RSS: \
              the serve process (100% = one core; peak RSS), fio's own for fio rows (fio runs \
-             before and after the ferrotap runs of each point and round). Ratios: median \
-             over rounds of each round's ratio to fio at the same point, interpolated to \
-             the run's turn between those two."
+             on that file before and after the ferrotap runs it is compared with, each \
+             point and round). Ratios: median over rounds of each round's ratio to fio at \
+             the same point, interpolated to the run's turn between those two."
         );
         if !self.targets.is_empty() {
             let _ = writeln!(out, "\ntargets:");
