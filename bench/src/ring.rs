@@ -1,7 +1,8 @@
 //! The ring benchmark: `ferrotap serve` on a simulated Xen host (xensim), driven by the
 //! simulated blkfront (`ferrotap xensim blkfront`, a process of its own) as load generator,
 //! beside `fio --ioengine=io_uring --direct=1` on the same file (reads: each format's
-//! image; writes: the raw image), in one run. Also the idle cost of a serve process, and (`--options`) serve's options compared.
+//! image; writes: the raw image), in one run. Also the idle cost of a serve process, and
+//! (`--options`) serve's options compared.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -67,7 +68,8 @@ pub struct RingArgs {
     /// Only these queue counts (repeat; the full matrix has 1 and 2).
     #[arg(long = "queues", value_name = "N")]
     only_queues: Vec<u32>,
-    /// Only these formats for ferrotap (repeat: raw, vhd, qcow2); fio always runs on raw.
+    /// Only these formats for ferrotap (repeat: raw, vhd, qcow2); fio reads their files and
+    /// writes the raw one.
     #[arg(long = "format", value_name = "FORMAT")]
     only_formats: Vec<String>,
     /// The load generator's hybrid wait: the blkfront spins this many microseconds on its
