@@ -780,12 +780,14 @@ pub fn run(args: &RingArgs) -> Result<()> {
     if points.is_empty() || formats.is_empty() {
         return Err("--workload/--queues/--format leave nothing to measure".into());
     }
-    // fio writes to the raw image of each round, made even when ferrotap's raw is left out.
+    // fio writes to the raw image of each round, made even when ferrotap's raw is left out
+    // (and only then: reads need no file but the formats' own).
     let mut image_formats = formats.clone();
-    if !image_formats.contains(&Format::Raw) {
+    let writes = points.iter().any(|p| p.workload.pattern.is_write());
+    if writes && !image_formats.contains(&Format::Raw) {
         image_formats.insert(0, Format::Raw);
     }
-    // fio on every image file: raw for every point, each format's own for reads (`brackets`).
+    // fio on every image file: each format's own for reads, raw for writes (`brackets`).
     let mut systems: Vec<System> = image_formats.iter().map(|&f| System::Fio(f)).collect();
     for variant in &variants {
         systems.extend(
