@@ -127,6 +127,11 @@ pub struct RingConfig {
     pub serve_args: Vec<String>,
     /// Base of every run's seed (`Turn::seed` in ring.rs).
     pub seed: u64,
+    /// A bracket (fio, the ferrotap runs compared with it, fio) is measured again when fio's
+    /// IOPS moved more than this across it, up to `bracket_tries` times; the steadiest try
+    /// is kept (`measure_bracket` in ring.rs).
+    pub steady_drift_pct: f64,
+    pub bracket_tries: usize,
     pub qcow2: &'static str,
     pub vhd: &'static str,
 }
@@ -138,6 +143,8 @@ pub struct RingReport {
     runs: Vec<RingRow>,
     targets: Vec<TargetCheck>,
     skipped: Vec<RingSkip>,
+    /// Brackets measured again because fio drifted across them, tries counted.
+    remeasured_brackets: usize,
 }
 
 impl RingReport {
@@ -148,7 +155,12 @@ impl RingReport {
             runs: Vec::new(),
             targets: Vec::new(),
             skipped: Vec::new(),
+            remeasured_brackets: 0,
         }
+    }
+
+    pub fn count_remeasured(&mut self, tries: usize) {
+        self.remeasured_brackets += tries;
     }
 
     pub fn add_backing(&mut self, backing: &Backing) {
@@ -384,6 +396,12 @@ impl RingReport {
              point and round). Ratios: median over rounds of each round's ratio to fio at \
              the same point, interpolated to the run's turn between those two."
         );
+        let _ = writeln!(
+            out,
+            "Brackets measured again because fio's IOPS moved more than {:.0}% across them \
+             (at most {} tries, the steadiest kept): {}.",
+            c.steady_drift_pct, c.bracket_tries, self.remeasured_brackets
+        );
         if !self.targets.is_empty() {
             let _ = writeln!(out, "\ntargets:");
             let line = |out: &mut String, t: &TargetCheck, row: &str| {
@@ -467,6 +485,8 @@ mod tests {
             front_poll_us: 0,
             serve_args: Vec::new(),
             seed: 1,
+            steady_drift_pct: 15.0,
+            bracket_tries: 3,
             qcow2: "",
             vhd: "",
         })
