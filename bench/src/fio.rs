@@ -39,7 +39,11 @@ pub fn command(file: &Path, config: &PointConfig) -> Command {
         .arg(format!("--size={}", config.slice))
         .arg(format!("--offset_increment={}", config.stride))
         .arg("--norandommap")
-        .arg("--randrepeat=1")
+        // randrepeat=1 seeds every generator with fio's fixed seeds whatever randseed says
+        // (fio 3.33): every run read the same offsets, and on a virtual disk whose host
+        // caches what it reads, each fio run found more of them cached than the last while
+        // ferrotap's runs read fresh ones. With randrepeat=0, randseed is taken.
+        .arg("--randrepeat=0")
         .arg(format!("--randseed={}", config.seed))
         .arg(format!("--runtime={}ms", config.runtime_ms))
         // The file is prepared by the harness; fio must neither create nor lay it out.
@@ -97,6 +101,66 @@ pub fn parse(report: &Value, workload: Workload, jobs: u64) -> Result<Measured> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::IoEngine;
+
+    /// The offsets one fio run of `command` reads on `file`, from its I/O log.
+    fn offsets_read(file: &Path, seed: u64, log: &Path) -> Vec<u64> {
+        let config = PointConfig {
+            workload: Workload::RandRead,
+            engine: IoEngine::Psync,
+            iodepth: 1,
+            jobs: 1,
+            slice: 16 << 20,
+            stride: 0,
+            runtime_ms: 5000,
+            ramp_ms: 0,
+            one_pass: true,
+            direct: false,
+            seed,
+        };
+        let out = command(file, &config)
+            .arg("--number_ios=64")
+            .arg(format!("--write_iolog={}", log.display()))
+            .output()
+            .expect("fio runs");
+        assert!(
+            out.status.success(),
+            "fio: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(log).expect("fio's I/O log");
+        text.lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields.as_slice() {
+                    [.., "read", offset, _] => offset.parse().ok(),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Each seed reads offsets of its own, and the same seed the same ones: a run must not
+    /// re-read what the run before it read (fio ignores randseed under randrepeat=1).
+    #[test]
+    fn fio_reads_the_offsets_of_its_seed() {
+        let dir = std::env::temp_dir().join(format!("ferrotap-fio-seed.{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("image.raw");
+        std::fs::write(&file, vec![0u8; 16 << 20]).unwrap();
+        let first = offsets_read(&file, 1000, &dir.join("a.log"));
+        let again = offsets_read(&file, 1000, &dir.join("b.log"));
+        let other = offsets_read(&file, 1002, &dir.join("c.log"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(first, again);
+        let shared = other.iter().filter(|o| first.contains(o)).count();
+        // 64 random 4 KiB blocks out of 4096 each: a few may meet by chance.
+        assert!(
+            shared < 8,
+            "seeds 1000 and 1002 share {shared} of 64 offsets"
+        );
+    }
 
     #[test]
     fn parses_a_fio_report() {
