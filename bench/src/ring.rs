@@ -318,7 +318,8 @@ fn brackets(systems: &[System], workload: RingWorkload) -> Vec<Bracket> {
 /// reference that was never there.
 const STEADY_DRIFT: f64 = 0.15;
 /// Tries of a bracket at most (but one with --quick), per point and round, while fio
-/// drifts more than that; the steadiest is kept. The choice looks at fio's runs only, never at ferrotap's figures.
+/// drifts more than that; the steadiest is kept. The choice looks at fio's runs only,
+/// never at ferrotap's figures.
 const BRACKET_TRIES: usize = 3;
 
 /// One try of a bracket: fio's run before, the members' runs, fio's run after.

@@ -143,7 +143,7 @@ pub struct RingReport {
     runs: Vec<RingRow>,
     targets: Vec<TargetCheck>,
     skipped: Vec<RingSkip>,
-    /// Brackets measured again because fio drifted across them, tries counted.
+    /// Extra tries of brackets across which fio drifted (a bracket tried 3 times counts 2).
     remeasured_brackets: usize,
 }
 
@@ -398,8 +398,8 @@ impl RingReport {
         );
         let _ = writeln!(
             out,
-            "Brackets measured again because fio's IOPS moved more than {:.0}% across them \
-             (at most {} tries, the steadiest kept): {}.",
+            "Extra bracket tries, made because fio's IOPS moved more than {:.0}% across a \
+             bracket (at most {} tries each, the steadiest kept): {}.",
             c.steady_drift_pct, c.bracket_tries, self.remeasured_brackets
         );
         if !self.targets.is_empty() {

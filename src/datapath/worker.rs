@@ -41,7 +41,7 @@ pub struct JobResult {
 struct Shared {
     jobs: Mutex<Receiver<(u64, Job)>>,
     results: Sender<JobResult>,
-    wake: Arc<EventFd>,
+    wake: EventFd,
 }
 
 pub struct Worker {
@@ -60,7 +60,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             jobs: Mutex::new(job_rx),
             results: result_tx,
-            wake: Arc::new(EventFd::new()?),
+            wake: EventFd::new()?,
         });
         let mut worker = Worker {
             name,
