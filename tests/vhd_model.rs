@@ -9,7 +9,7 @@ mod common;
 #[path = "common/vhd_fixtures.rs"]
 mod vhd_fixtures;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::create_vhd;
 use ferrotap::image::Image;
@@ -127,11 +127,12 @@ fn config() -> ProptestConfig {
     }
 }
 
-/// The parent of the differencing cases, made once: a pattern everywhere except a
-/// discarded range that reads as zeros. Returns its path and its contents.
-fn parent_template() -> (PathBuf, Vec<u8>) {
-    static TEMPLATE: std::sync::OnceLock<(tempfile::TempDir, Vec<u8>)> = std::sync::OnceLock::new();
-    let (dir, model) = TEMPLATE.get_or_init(|| {
+/// The parent of the differencing cases, made once and kept in memory (a static's scratch
+/// directory would never be removed): a pattern everywhere except a discarded range that
+/// reads as zeros. Writes the parent's file to `path` and returns the disk's contents.
+fn write_parent(path: &Path) -> Vec<u8> {
+    static TEMPLATE: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    let (file, model) = TEMPLATE.get_or_init(|| {
         let dir = scratch();
         let base = dir.path().join("base.vhd");
         create_vhd(&base, SIZE, &[("block_size", "131072")], None);
@@ -141,9 +142,11 @@ fn parent_template() -> (PathBuf, Vec<u8>) {
         image.discard(SIZE / 2, 300_000).unwrap();
         model[(SIZE / 2) as usize..(SIZE / 2 + 300_000) as usize].fill(0);
         image.flush().unwrap();
-        (dir, model)
+        drop(image);
+        (std::fs::read(&base).unwrap(), model)
     });
-    (dir.path().join("base.vhd"), model.clone())
+    std::fs::write(path, file).unwrap();
+    model.clone()
 }
 
 proptest! {
@@ -185,8 +188,7 @@ proptest! {
         let dir = scratch();
         let base = dir.path().join("base.vhd");
         let child = dir.path().join("child.vhd");
-        let (template, mut model) = parent_template();
-        std::fs::copy(template, &base).unwrap();
+        let mut model = write_parent(&base);
         create_vhd(&child, 0, &[("block_size", "65536")], Some(&base));
         run(&child, &mut model, &ops)?;
         ParsedVhd::parse(&child).assert_consistent();
