@@ -8,7 +8,6 @@
 
 mod log;
 mod serve_link;
-mod transport;
 mod vbd;
 
 use std::path::PathBuf;

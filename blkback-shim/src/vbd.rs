@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
 
+use blkback_shim::transport::{read_transport, Offer};
 use ferrotap::xensim::control::BackendInfo;
 use ferrotap::xenstore::Client;
 
 use crate::serve_link::{is_socket, ServeEvent, ServeLink, SpawnSpec};
-use crate::transport::{read_transport, Offer};
 use crate::Args;
 use crate::{error, info, warn};
 

@@ -67,7 +67,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((&read_only, data)) = data.split_first() else {
         return;
     };
-    let export = Arc::new(Export::new("disk", "fuzz", Arc::new(Nothing), read_only & 1 != 0));
+    let export = Arc::new(Export::new(
+        "disk",
+        "fuzz",
+        Arc::new(Nothing),
+        read_only & 1 != 0,
+    ));
     let mut client = Client { input: data };
     let Ok(Some(session)) = negotiate(&mut client, &export) else {
         return;
