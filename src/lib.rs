@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod img;
+mod listener;
 pub mod nbd;
 pub mod serve;
 mod sys;

@@ -6,7 +6,7 @@
 //! (`datapath::statsfile`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use crate::engine::{new_engine, EngineKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::chain::BlockStatus;
 use crate::image::{Format, Image, ImageOptions};
+use crate::listener;
 use crate::nbd::{self, Export};
 use crate::xen::linux::LinuxPlatform;
 use crate::xen::sim::SimPlatform;
@@ -311,7 +312,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     };
     // A socket file left by a dead server would make bind fail.
     let _ = std::fs::remove_file(&args.control);
-    let listener = bind_listening(&args.control)
+    let listener = listener::bind_listening(&args.control)
         .map_err(|e| Error::io("bind control socket", e).with_path(&args.control))?;
     vbd.update_registry();
     close_on_signals(args.control.clone())?;
@@ -748,61 +749,4 @@ fn info(vbd: &Vbd) -> Value {
         reply["error"] = json!(failure);
     }
     reply
-}
-
-/// The longest socket path `sun_path` holds (108 bytes with the NUL).
-const SOCKET_PATH_MAX: usize = 107;
-
-/// A unix socket listening at `path` that appears there only once it listens: bound and
-/// listening under a temporary name beside it, then renamed into place. Clients wait for
-/// the file and connect at once (tests, toolstack scripts); `UnixListener::bind` creates
-/// the file at bind(2), before listen(2), and a connect in between is refused (seen once in
-/// CI). Where the temporary name would not fit a socket address, binds in place.
-fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(format!(".{}", std::process::id()));
-    let temp = PathBuf::from(temp);
-    if temp.as_os_str().len() > SOCKET_PATH_MAX {
-        return UnixListener::bind(path);
-    }
-    let _ = std::fs::remove_file(&temp);
-    let listener = UnixListener::bind(&temp)?;
-    if let Err(err) = std::fs::rename(&temp, path) {
-        let _ = std::fs::remove_file(&temp);
-        return Err(err);
-    }
-    Ok(listener)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Read;
-
-    use super::*;
-
-    /// The socket is at its path, listening, and nothing else is left in the directory,
-    /// for a short path (bound beside it and renamed) and for one whose temporary name
-    /// would not fit a socket address (bound in place).
-    #[test]
-    fn the_control_socket_appears_listening() {
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let short = dir.path().join("ctl");
-        let name_len = SOCKET_PATH_MAX - dir.path().as_os_str().len() - 1;
-        let longest = dir.path().join("c".repeat(name_len));
-        for path in [short, longest] {
-            let listener = bind_listening(&path).unwrap();
-            let mut client = UnixStream::connect(&path).unwrap();
-            let (mut accepted, _) = listener.accept().unwrap();
-            client.write_all(b"x").unwrap();
-            let mut byte = [0u8];
-            accepted.read_exact(&mut byte).unwrap();
-            assert_eq!(&byte, b"x", "{}", path.display());
-            let names: Vec<_> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|entry| entry.unwrap().file_name())
-                .collect();
-            assert_eq!(names, [path.file_name().unwrap()], "{}", path.display());
-            std::fs::remove_file(&path).unwrap();
-        }
-    }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::image::chain::BlockStatus;
 use crate::image::{Format, Image, ImageOptions};
+use crate::listener;
 
 /// A client has this long to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -382,8 +383,8 @@ pub fn run(args: &NbdArgs) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("ferrotap-nbd.sock"));
             remove_stale_socket(&path)?;
-            let listener =
-                UnixListener::bind(&path).map_err(|e| Error::io("bind", e).with_path(&path))?;
+            let listener = listener::bind_listening(&path)
+                .map_err(|e| Error::io("bind", e).with_path(&path))?;
             announce(&format!(
                 "nbd+unix:///{}?socket={}",
                 args.export_name,
@@ -400,7 +401,8 @@ pub fn run(args: &NbdArgs) -> Result<()> {
 /// process runs: the live export of a running `ferrotap serve`.
 pub fn spawn_unix_listener(path: &Path, export: Arc<Export>, max_connections: usize) -> Result<()> {
     remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", e).with_path(path))?;
+    let listener =
+        listener::bind_listening(path).map_err(|e| Error::io("bind", e).with_path(path))?;
     // A live export reads through the guest's image, which serve opens with O_DIRECT.
     let tuning = Tuning::for_image(true);
     std::thread::Builder::new()
