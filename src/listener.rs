@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 const SOCKET_PATH_MAX: usize = 107;
 
 /// A unix socket listening at `path`, bound and listening under a temporary name beside it
-/// and then renamed into place. A stale socket at `path` is replaced; anything else there
-/// is refused (AlreadyExists), never overwritten. Where the temporary name would not fit a
-/// socket address, binds in place.
+/// and then renamed into place. A socket left at `path` by an earlier server is replaced
+/// (or removed first where the temporary name would not fit a socket address, and the
+/// socket is bound in place); anything else there is refused (AlreadyExists), never
+/// overwritten or removed.
 pub fn bind_listening(path: &Path) -> io::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -29,6 +30,8 @@ pub fn bind_listening(path: &Path) -> io::Result<UnixListener> {
     temp.push(format!(".{}", std::process::id()));
     let temp = PathBuf::from(temp);
     if temp.as_os_str().len() > SOCKET_PATH_MAX {
+        // Only a socket (or nothing) is at `path` here, checked above.
+        let _ = std::fs::remove_file(path);
         return UnixListener::bind(path);
     }
     let _ = std::fs::remove_file(&temp);
@@ -49,8 +52,8 @@ mod tests {
 
     /// The socket is at its path, listening, and nothing else is left in the directory,
     /// for a short path (bound beside it and renamed) and for one whose temporary name
-    /// would not fit a socket address (bound in place); a file that is not a socket is
-    /// refused and left as it was.
+    /// would not fit a socket address (bound in place), each over a socket left by an
+    /// earlier server; a file that is not a socket is refused and left as it was.
     #[test]
     fn a_socket_appears_listening_and_a_file_is_left_alone() {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -58,6 +61,7 @@ mod tests {
         let name_len = SOCKET_PATH_MAX - dir.path().as_os_str().len() - 1;
         let longest = dir.path().join("c".repeat(name_len));
         for path in [short, longest] {
+            drop(UnixListener::bind(&path).unwrap());
             let listener = bind_listening(&path).unwrap();
             let mut client = UnixStream::connect(&path).unwrap();
             let (mut accepted, _) = listener.accept().unwrap();

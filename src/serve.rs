@@ -310,8 +310,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         stats_files: None,
         registered: false,
     };
-    // A socket file left by a dead server would make bind fail.
-    let _ = std::fs::remove_file(&args.control);
     let listener = listener::bind_listening(&args.control)
         .map_err(|e| Error::io("bind control socket", e).with_path(&args.control))?;
     vbd.update_registry();

@@ -13,7 +13,6 @@ pub mod server;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -382,7 +381,6 @@ pub fn run(args: &NbdArgs) -> Result<()> {
                 .socket
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("ferrotap-nbd.sock"));
-            remove_stale_socket(&path)?;
             let listener = listener::bind_listening(&path)
                 .map_err(|e| Error::io("bind", e).with_path(&path))?;
             announce(&format!(
@@ -400,7 +398,6 @@ pub fn run(args: &NbdArgs) -> Result<()> {
 /// Export `export` on a unix socket at `path` from a thread of its own, for as long as the
 /// process runs: the live export of a running `ferrotap serve`.
 pub fn spawn_unix_listener(path: &Path, export: Arc<Export>, max_connections: usize) -> Result<()> {
-    remove_stale_socket(path)?;
     let listener =
         listener::bind_listening(path).map_err(|e| Error::io("bind", e).with_path(path))?;
     // A live export reads through the guest's image, which serve opens with O_DIRECT.
@@ -417,16 +414,6 @@ fn announce(uri: &str) {
     let mut stdout = io::stdout();
     let _ = writeln!(stdout, "{uri}");
     let _ = stdout.flush();
-}
-
-/// A socket file left by an earlier server would make bind fail; anything else at the path
-/// is not ours to remove.
-fn remove_stale_socket(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
-            .map_err(|e| Error::io("remove stale socket", e).with_path(path)),
-        _ => Ok(()),
-    }
 }
 
 enum Listener {
