@@ -373,7 +373,8 @@ fn start_index() -> impl Strategy<Value = u32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    // Under Miri a few cases only: each costs what thousands do natively.
+    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 2 } else { 200 }))]
 
     #[test]
     fn random_interleavings_answer_every_request_once_and_miss_no_notification(
@@ -534,7 +535,8 @@ fn muted_request_notifications_stay_off_until_the_final_check() {
 /// a missed notification hangs a side, and the test fails on its timeout.
 #[test]
 fn two_threads_with_real_sleeps_complete_every_request() {
-    const REQUESTS: u64 = 200_000;
+    // Miri checks every access for races and weak-memory outcomes, ~10^4 times slower.
+    const REQUESTS: u64 = if cfg!(miri) { 3_000 } else { 200_000 };
     for protocol in [Protocol::X86_64, Protocol::X86_32] {
         let mut memory = RingMemory::new(1);
         let (mut front, mut back) = rings(&mut memory, protocol, u32::MAX - 1000);
