@@ -5,7 +5,7 @@
 //! (`ctl::registry`) and, while connected to a known VBD, keeps its stats files
 //! (`datapath::statsfile`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -449,6 +449,11 @@ fn close_on_signals(control: PathBuf) -> Result<()> {
         .map_err(|e| Error::io("spawn signal thread", e))
 }
 
+/// The longest control request taken: the largest real one, a connect of 16 queues with 16
+/// ring pages each, is under 4 KiB. A client sending more without a newline is answered and
+/// dropped, rather than held in memory while it goes on.
+const MAX_CONTROL_REQUEST: usize = 64 * 1024;
+
 /// Answer requests on one control connection; true when one of them was `close`.
 fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -> bool {
     let Ok(mut writer) = stream.try_clone() else {
@@ -458,9 +463,20 @@ fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -
     let mut line = String::new();
     loop {
         line.clear();
-        match reader.read_line(&mut line) {
+        match reader
+            .by_ref()
+            .take(MAX_CONTROL_REQUEST as u64)
+            .read_line(&mut line)
+        {
             Ok(0) | Err(_) => return false,
             Ok(_) => {}
+        }
+        if line.len() >= MAX_CONTROL_REQUEST && !line.ends_with('\n') {
+            let refusal = failure(&format!(
+                "bad request: longer than {MAX_CONTROL_REQUEST} bytes"
+            ));
+            let _ = writer.write_all(format!("{refusal}\n").as_bytes());
+            return false;
         }
         if line.trim().is_empty() {
             continue;
@@ -487,11 +503,9 @@ fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -
                 return false;
             };
             let id = watchers.add(events);
-            // The connection now only carries events; wait for the peer to go.
-            let mut ignored = String::new();
-            while matches!(reader.read_line(&mut ignored), Ok(n) if n > 0) {
-                ignored.clear();
-            }
+            // The connection now only carries events; wait for the peer to go, dropping
+            // whatever it sends.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
             watchers.remove(id);
             return false;
         }

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use ferrotap::blkif::{
     op, status, Request, RequestBody, Response, Segment, MAX_INDIRECT_PAGES_PER_REQUEST,
 };
 use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const DISK_BYTES: u64 = 16 << 20;
 
@@ -470,5 +472,30 @@ fn bad_connect_requests_are_refused_cleanly() {
         before,
         "a refused connect left something behind"
     );
+    // A request that never ends: answered once it passes the limit, and dropped; serve
+    // neither waits for its end nor keeps it.
+    let mut endless = UnixStream::connect(&serve.control).unwrap();
+    endless
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let junk = vec![b'x'; 256 * 1024];
+    // serve stops reading at its limit: the rest of the write may find the socket closed.
+    let _ = endless.write_all(&junk);
+    let mut replies = BufReader::new(&endless);
+    let mut reply = String::new();
+    replies.read_line(&mut reply).unwrap();
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("longer than"),
+        "{reply}"
+    );
+    // Closed: an end of file, or a reset where serve left unread bytes behind.
+    let mut rest = Vec::new();
+    match replies.read_to_end(&mut rest) {
+        Ok(n) => assert_eq!(n, 0, "more after the refusal: {rest:?}"),
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+    }
+    assert_eq!(serve.ctl(&json!({"op": "info"}))["ok"], json!(true));
     drop(fe);
 }
