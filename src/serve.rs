@@ -223,8 +223,7 @@ impl Watchers {
 
     /// Send `event` to every watcher; those that cannot take it are dropped.
     fn send(&self, event: &Value) {
-        let mut line = event.to_string();
-        line.push('\n');
+        let line = json_line(event);
         self.streams
             .lock()
             .retain_mut(|(_, stream)| stream.write_all(line.as_bytes()).is_ok());
@@ -475,7 +474,7 @@ fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -
             let refusal = failure(&format!(
                 "bad request: longer than {MAX_CONTROL_REQUEST} bytes"
             ));
-            let _ = writer.write_all(format!("{refusal}\n").as_bytes());
+            let _ = writer.write_all(json_line(&refusal).as_bytes());
             return false;
         }
         if line.trim().is_empty() {
@@ -490,9 +489,7 @@ fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -
             Reply::Close(value) => (value, true, false),
             Reply::Watch(value) => (value, false, true),
         };
-        let mut text = value.to_string();
-        text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() {
+        if writer.write_all(json_line(&value).as_bytes()).is_err() {
             return close;
         }
         if close {
@@ -510,6 +507,13 @@ fn serve_connection(stream: UnixStream, vbd: &Mutex<Vbd>, watchers: &Watchers) -
             return false;
         }
     }
+}
+
+/// One message of the control protocol: a JSON object on a line of its own.
+fn json_line(value: &Value) -> String {
+    let mut line = value.to_string();
+    line.push('\n');
+    line
 }
 
 fn failure(message: &str) -> Value {
