@@ -147,6 +147,20 @@ pub unsafe fn zero(ptr: NonNull<u8>, len: usize) {
     unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) }
 }
 
+/// Make the allocator return blocks of 128 KiB and more to the kernel when they are freed.
+/// glibc raises that threshold after the first such free, and from then on every worker
+/// thread's arena keeps the bounce buffers of large requests (a 1 MiB request split over
+/// several guest pages going through the worker) resident: serve's RSS under 1 MiB qcow2
+/// writes was 30 MiB, against 20 MiB with the threshold fixed at glibc's default start.
+pub fn return_large_blocks_when_freed() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it touches no memory of ours. Its
+    // result (0 when refused) changes nothing but memory use, so it is not checked.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// A Linux eventfd: a counter that makes the fd readable while non-zero.
 pub struct EventFd {
     fd: OwnedFd,
@@ -227,6 +241,137 @@ impl IoMemory {
     }
 }
 
+/// Guest memory that is one run of bytes on disk but several pieces in memory (a request's
+/// segments, each on its own mapped guest page), or a window of such a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Scatter<'a> {
+    parts: &'a [IoMemory],
+    /// Bytes of `parts` before the window.
+    skip: usize,
+    /// Bytes in the window.
+    len: usize,
+}
+
+impl<'a> Scatter<'a> {
+    pub fn new(parts: &'a [IoMemory]) -> Scatter<'a> {
+        Scatter {
+            parts,
+            skip: 0,
+            len: parts.iter().map(|p| p.len).sum(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The window `[offset, offset + len)` of this one, clamped to it.
+    pub fn sub(&self, offset: usize, len: usize) -> Scatter<'a> {
+        let offset = offset.min(self.len);
+        Scatter {
+            parts: self.parts,
+            skip: self.skip + offset,
+            len: len.min(self.len - offset),
+        }
+    }
+
+    /// The pieces of memory in the window, in disk order.
+    pub fn iter(&self) -> impl Iterator<Item = IoMemory> + 'a {
+        let (mut skip, mut left) = (self.skip, self.len);
+        self.parts.iter().filter_map(move |part| {
+            if left == 0 {
+                return None;
+            }
+            if skip >= part.len {
+                skip -= part.len;
+                return None;
+            }
+            let n = (part.len - skip).min(left);
+            // SAFETY: skip + n <= part.len: the piece stays inside the part.
+            let piece = unsafe { part.slice(skip, n) };
+            skip = 0;
+            left -= n;
+            Some(piece)
+        })
+    }
+
+    /// The window as one piece of memory, when it is one.
+    pub fn single(&self) -> Option<IoMemory> {
+        let mut pieces = self.iter();
+        let first = pieces.next()?;
+        pieces.next().is_none().then_some(first)
+    }
+
+    /// Fill the window with zeros.
+    ///
+    /// # Safety
+    /// The pieces must be valid for writes and unaliased.
+    pub unsafe fn zero(&self) {
+        for piece in self.iter() {
+            // SAFETY: forwarded to the caller.
+            unsafe { zero(piece.ptr, piece.len) };
+        }
+    }
+
+    /// The window's pieces, owned (for a worker job).
+    pub fn to_vec(&self) -> Vec<IoMemory> {
+        self.iter().collect()
+    }
+}
+
+/// Read into scattered memory through a contiguous buffer: `read` fills `[0, total)` of it,
+/// straight into the memory when it is one piece, else into a bounce buffer copied out.
+///
+/// # Safety
+/// Every piece must be valid for writes and unaliased until this returns.
+pub unsafe fn read_scattered(
+    pieces: &[IoMemory],
+    read: impl FnOnce(&mut [u8]) -> Result<()>,
+) -> Result<()> {
+    if let [one] = pieces {
+        // SAFETY: forwarded to the caller.
+        return read(unsafe { one.as_mut_slice() });
+    }
+    let mut bounce = vec![0u8; pieces.iter().map(|p| p.len).sum()];
+    read(&mut bounce)?;
+    let mut at = 0;
+    for piece in pieces {
+        // SAFETY: forwarded to the caller; `bounce` holds the sum of the pieces' lengths.
+        unsafe { piece.as_mut_slice() }.copy_from_slice(&bounce[at..at + piece.len]);
+        at += piece.len;
+    }
+    Ok(())
+}
+
+/// Write from scattered memory through a contiguous buffer: `write` gets the pieces' bytes
+/// in order, as they are when it is one piece, else gathered into a bounce buffer.
+///
+/// # Safety
+/// Every piece must be valid for reads and unchanged until this returns.
+pub unsafe fn write_scattered(
+    pieces: &[IoMemory],
+    write: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<()> {
+    if let [one] = pieces {
+        // SAFETY: forwarded to the caller.
+        return write(unsafe { one.as_slice() });
+    }
+    let mut bounce = Vec::with_capacity(pieces.iter().map(|p| p.len).sum());
+    for piece in pieces {
+        // SAFETY: forwarded to the caller.
+        bounce.extend_from_slice(unsafe { piece.as_slice() });
+    }
+    write(&bounce)
+}
+
+/// `iovec`s for `pieces`, appended to `out`.
+pub fn iovecs(pieces: impl Iterator<Item = IoMemory>, out: &mut Vec<libc::iovec>) {
+    out.extend(pieces.map(|p| libc::iovec {
+        iov_base: p.ptr.as_ptr().cast(),
+        iov_len: p.len,
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +393,89 @@ mod tests {
         pool.free(c);
         pool.free(d);
         assert!(pool.alloc(8 * PAGE_SIZE).is_some());
+    }
+
+    /// Pieces of `backing` (three runs, out of order) as a request's segments would be.
+    fn scattered(backing: &mut [u8]) -> Vec<IoMemory> {
+        let base = NonNull::new(backing.as_mut_ptr()).unwrap();
+        [(20, 10), (0, 5), (40, 3)]
+            .iter()
+            .map(|&(at, len)| IoMemory {
+                // SAFETY: every run lies inside `backing` (64 bytes).
+                ptr: unsafe { base.add(at) },
+                len,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scatter_windows_clip_pieces() {
+        let mut backing: Vec<u8> = (0..64).collect();
+        let pieces = scattered(&mut backing);
+        let whole = Scatter::new(&pieces);
+        assert_eq!(whole.len(), 18);
+        assert!(whole.single().is_none());
+        let bytes = |s: Scatter| -> Vec<u8> {
+            s.iter()
+                // SAFETY: the pieces lie inside `backing`, alive and not written meanwhile.
+                .flat_map(|p| unsafe { p.as_slice() }.to_vec())
+                .collect()
+        };
+        let all: Vec<u8> = (20..30).chain(0..5).chain(40..43).collect();
+        assert_eq!(bytes(whole), all);
+        // Windows across piece boundaries, inside one piece, and clamped at the end.
+        assert_eq!(bytes(whole.sub(8, 4)), vec![28, 29, 0, 1]);
+        let inner = whole.sub(11, 2);
+        assert_eq!(inner.single().map(|p| p.len), Some(2));
+        assert_eq!(bytes(inner), vec![1, 2]);
+        assert_eq!(bytes(whole.sub(16, 100)), vec![41, 42]);
+        assert_eq!(whole.sub(30, 5).len(), 0);
+        assert_eq!(bytes(whole.sub(9, 6).sub(1, 3)), vec![0, 1, 2]);
+        let mut iov = Vec::new();
+        iovecs(whole.sub(8, 9).iter(), &mut iov);
+        assert_eq!(
+            iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+            vec![2, 5, 2]
+        );
+        // SAFETY: as above; nothing else reads `backing` meanwhile.
+        unsafe { whole.sub(3, 9).zero() };
+        assert_eq!(&backing[20..30], &[20, 21, 22, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&backing[0..5], &[0, 0, 2, 3, 4]);
+    }
+
+    #[test]
+    fn scattered_reads_and_writes_go_through_one_buffer() {
+        let mut backing = vec![0u8; 64];
+        let pieces = scattered(&mut backing);
+        // SAFETY: the pieces lie inside `backing`, which nothing else touches meanwhile.
+        unsafe {
+            read_scattered(&pieces, |buf| {
+                assert_eq!(buf.len(), 18);
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = 100 + i as u8;
+                }
+                Ok(())
+            })
+        }
+        .unwrap();
+        let mut gathered = Vec::new();
+        // SAFETY: as above.
+        unsafe {
+            write_scattered(&pieces, |data| {
+                gathered.extend_from_slice(data);
+                Ok(())
+            })
+        }
+        .unwrap();
+        assert_eq!(gathered, (100..118).collect::<Vec<u8>>());
+        assert_eq!(&backing[0..5], &[110, 111, 112, 113, 114]);
+        assert_eq!(&backing[20..30], &(100..110).collect::<Vec<u8>>()[..]);
+        // A failed read leaves the memory as it was.
+        // SAFETY: as above.
+        let failed =
+            unsafe { read_scattered(&pieces, |_| Err(crate::error::Error::invalid("refused"))) };
+        assert!(failed.is_err());
+        assert_eq!(&backing[40..43], &[115, 116, 117]);
     }
 
     #[test]

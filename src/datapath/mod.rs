@@ -589,6 +589,7 @@ impl Device {
     /// Map the rings, bind the event channels and start one thread per queue. While paused
     /// the queues start paused too.
     pub fn connect(&mut self, params: ConnectParams) -> Result<()> {
+        memory::return_large_blocks_when_freed();
         if self.connection.is_some() {
             return Err(Error::invalid("already connected; disconnect first"));
         }
@@ -619,11 +620,11 @@ impl Device {
         let persistent = params.persistent && features.persistent;
         let ring_size = ring_entries(pages, params.protocol) as usize;
         let max_segments = blkif::MAX_SEGMENTS_PER_REQUEST.max(features.max_indirect_segments);
-        // Ring pages, the persistent pages kept (blkif.h's bound, per queue), and the pages
-        // of every request that can be in flight at once (beyond the kept ones, a request's
-        // pages are mapped for it alone).
+        // Ring pages, the persistent pages kept (per queue), and the pages of every request
+        // that can be in flight at once (beyond the kept ones, a request's pages are mapped
+        // for it alone).
         let kept = if persistent {
-            ring_size * blkif::MAX_SEGMENTS_PER_REQUEST
+            pgrants::kept_pages(ring_size, max_segments)
         } else {
             0
         };

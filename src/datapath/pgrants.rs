@@ -1,13 +1,32 @@
 //! Persistent grants: when the frontend offers feature-persistent it keeps its data pages
-//! granted and reuses them, so each is mapped once and kept. blkif.h asks for at most
-//! RING_SIZE * BLKIF_MAX_SEGMENTS_PER_REQUEST of them and an LRU beyond that; pages still
-//! used by a request in flight are never evicted (the request holds an `Rc`).
+//! granted and reuses them, so each is mapped once and kept. blkif.h asks for
+//! RING_SIZE * BLKIF_MAX_SEGMENTS_PER_REQUEST of them and an LRU beyond that, and lets a
+//! backend keep more; pages still used by a request in flight are never evicted (the
+//! request holds an `Rc`).
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use crate::blkif::MAX_SEGMENTS_PER_REQUEST;
 use crate::error::Result;
 use crate::xen::{GrantAccess, GrantMapping, GrantRef};
+
+/// With indirect requests a queue keeps at least this many pages mapped (8 MiB of guest
+/// memory): a whole ring of Linux blkfront's default 32-segment requests (32 x 33 = 1056,
+/// also Linux blkback's default bound) or eight 1 MiB requests, so that such a frontend's
+/// large requests are served on its own pages.
+const INDIRECT_KEPT_PAGES: usize = 2048;
+
+/// How many persistent pages a queue of `ring_size` entries keeps: blkif.h's bound, and
+/// with indirect requests (more than 11 segments) at least `INDIRECT_KEPT_PAGES`.
+pub fn kept_pages(ring_size: usize, max_segments: usize) -> usize {
+    let bound = ring_size * MAX_SEGMENTS_PER_REQUEST;
+    if max_segments > MAX_SEGMENTS_PER_REQUEST {
+        bound.max(INDIRECT_KEPT_PAGES)
+    } else {
+        bound
+    }
+}
 
 /// One mapped guest page.
 pub type MappedPage = Rc<Box<dyn GrantMapping>>;
@@ -34,6 +53,13 @@ impl PersistentGrants {
 
     pub fn len(&self) -> usize {
         self.pages.len()
+    }
+
+    /// Whether a request on `grefs` can be served on persistent mappings without evicting
+    /// any: those not mapped yet fit under the bound.
+    pub fn has_room_for(&self, grefs: impl Iterator<Item = GrantRef>) -> bool {
+        let missing = grefs.filter(|gref| !self.pages.contains_key(gref)).count();
+        self.pages.len() + missing <= self.limit
     }
 
     /// The page granted as `gref`, mapped writable when `write` (the backend writes into it:

@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::memory::{self, BufferPool, EventFd, IoMemory, PoolBuffer};
-use super::pgrants::{MappedPage, PersistentGrants};
+use super::memory::{self, BufferPool, EventFd, IoMemory, PoolBuffer, Scatter};
+use super::pgrants::{kept_pages, MappedPage, PersistentGrants};
 use super::worker::{Job, JobResult, Worker};
 use super::{op_class, QueueStats, Shared};
 use crate::blkif::ring::{ring_entries, BackRing};
@@ -28,7 +28,7 @@ use crate::blkif::{
 };
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::{Error, Result};
-use crate::image::{Image, Layer, Mapping};
+use crate::image::{Image, ImageFile, Layer, Mapping};
 use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
 
 const TOKEN_EVTCHN: u64 = u64::MAX;
@@ -89,13 +89,8 @@ struct Slot {
     pages: Vec<MappedPage>,
     /// Reads in copy mode: pool -> guest, once the data is in.
     copy_back: Vec<CopySegment>,
-}
-
-/// The guest side of one segment after resolution: memory and the disk bytes it covers.
-#[derive(Clone, Copy)]
-struct Piece {
-    memory: IoMemory,
-    disk_offset: u64,
+    /// The iovec arrays of its vectored engine ops, kept until they complete.
+    iovecs: Vec<Vec<libc::iovec>>,
 }
 
 pub(crate) struct QueueThread {
@@ -140,7 +135,9 @@ pub(crate) struct QueueThread {
 
     // Scratch space reused across requests (no allocation per request in steady state).
     segments: Vec<Segment>,
-    pieces: Vec<Piece>,
+    /// Where a request's bytes live locally, in disk order: the pool buffer (copy mode) or
+    /// each segment on its mapped guest page (persistent mode).
+    pieces: Vec<IoMemory>,
     copies: Vec<CopySegment>,
     completions: Vec<Completion>,
     /// While `collect_completions` handles a batch: when the batch was collected, the
@@ -150,6 +147,7 @@ pub(crate) struct QueueThread {
     /// Cleared `Slot::pages` and `Slot::copy_back` vectors of answered requests, reused.
     spare_pages: Vec<Vec<MappedPage>>,
     spare_copies: Vec<Vec<CopySegment>>,
+    spare_iovecs: Vec<Vec<libc::iovec>>,
     indirect_page: Vec<u8>,
     grants: Box<dyn GrantAccess>,
 }
@@ -227,7 +225,7 @@ impl QueueThread {
             pool,
             persistent: setup
                 .persistent
-                .then(|| PersistentGrants::new(ring_size * blkif::MAX_SEGMENTS_PER_REQUEST)),
+                .then(|| PersistentGrants::new(kept_pages(ring_size, max_indirect_segments))),
             stats: setup.stats,
             wake: setup.wake,
             max_indirect_segments,
@@ -250,6 +248,7 @@ impl QueueThread {
             job_results: Vec::new(),
             spare_pages: Vec::new(),
             spare_copies: Vec::new(),
+            spare_iovecs: Vec::new(),
             indirect_page: vec![0; blkif::MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
         };
         // A device connected while paused starts paused: no image yet.
@@ -631,6 +630,7 @@ impl QueueThread {
             buffer: None,
             pages: self.spare_pages.pop().unwrap_or_default(),
             copy_back: self.spare_copies.pop().unwrap_or_default(),
+            iovecs: Vec::new(),
         };
         self.in_use += 1;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -882,10 +882,18 @@ impl QueueThread {
             return Some(*request);
         }
         // Buffers first: without them the request waits, untouched. Persistent mappings
-        // serve direct requests; an indirect one (up to 256 pages) would churn the LRU,
-        // which blkif.h bounds at RING_SIZE x 11 pages, with a map and an unmap per page,
-        // so its pages are copied like a non-persistent frontend's.
-        let copy = self.persistent.is_none() || self.segments.len() > MAX_SEGMENTS_PER_REQUEST;
+        // serve direct requests, and an indirect one (up to 256 pages) whose pages are
+        // mapped already or fit beside those: a frontend that reuses its grants, as
+        // blkif.h asks, has its I/O done straight on its pages. Otherwise an indirect
+        // request would churn the LRU with a map and an unmap per page, so its pages are
+        // copied like a non-persistent frontend's.
+        let copy = match &self.persistent {
+            None => true,
+            Some(persistent) => {
+                self.segments.len() > MAX_SEGMENTS_PER_REQUEST
+                    && !persistent.has_room_for(self.segments.iter().map(|s| s.gref))
+            }
+        };
         let buffer = if copy && bytes > 0 {
             match self.pool.alloc(bytes) {
                 Some(buffer) => Some(buffer),
@@ -932,11 +940,11 @@ impl QueueThread {
             }
         }
         if bytes > 0 {
-            if !self.resolve_memory(slot, request.sector, buffer, is_read) {
+            if !self.resolve_memory(slot, buffer, is_read) {
                 self.set_status(slot, status::ERROR);
             }
             if self.slot_ok(slot) {
-                self.pieces_to_io(slot, is_read);
+                self.pieces_to_io(slot, request.sector * SECTOR_SIZE, is_read);
             }
         }
         self.finish_if_done(slot);
@@ -960,15 +968,8 @@ impl QueueThread {
     /// Turn `self.segments` into `self.pieces`: where each segment's bytes live locally.
     /// Copy mode: one piece over the pool buffer (a write's data is copied in now).
     /// Persistent mode: one piece per segment, on the mapped guest page.
-    fn resolve_memory(
-        &mut self,
-        slot: usize,
-        sector: u64,
-        buffer: Option<PoolBuffer>,
-        is_read: bool,
-    ) -> bool {
+    fn resolve_memory(&mut self, slot: usize, buffer: Option<PoolBuffer>, is_read: bool) -> bool {
         self.pieces.clear();
-        let disk_start = sector * SECTOR_SIZE;
         if let Some(buffer) = buffer {
             let whole = IoMemory {
                 ptr: buffer.ptr(),
@@ -992,10 +993,7 @@ impl QueueThread {
                 });
                 at += len;
             }
-            self.pieces.push(Piece {
-                memory: whole,
-                disk_offset: disk_start,
-            });
+            self.pieces.push(whole);
             let s = self.slots[slot].as_mut();
             let Some(s) = s else { return false };
             s.buffer = Some(buffer);
@@ -1014,7 +1012,6 @@ impl QueueThread {
         self.stats
             .persistent_grants
             .store(persistent.len() as u64, Ordering::Relaxed);
-        let mut disk = disk_start;
         for seg in &self.segments {
             let page = match persistent.get(self.grants.as_mut(), seg.gref, is_read) {
                 Ok(page) => page,
@@ -1024,11 +1021,7 @@ impl QueueThread {
             let len = (usize::from(seg.last_sect - seg.first_sect) + 1) * SECTOR_SIZE as usize;
             // SAFETY: first_sect <= last_sect < 8, so offset + len <= 4096 = the mapping.
             let ptr = unsafe { page.as_ptr().add(offset) };
-            self.pieces.push(Piece {
-                memory: IoMemory { ptr, len },
-                disk_offset: disk,
-            });
-            disk += len as u64;
+            self.pieces.push(IoMemory { ptr, len });
             if let Some(s) = self.slots[slot].as_mut() {
                 s.pages.push(page);
             }
@@ -1036,81 +1029,84 @@ impl QueueThread {
         true
     }
 
-    /// Issue the I/O of every piece.
-    fn pieces_to_io(&mut self, slot: usize, is_read: bool) {
+    /// Issue the I/O of the request's pieces, which cover the disk from `disk_start` on.
+    fn pieces_to_io(&mut self, slot: usize, disk_start: u64, is_read: bool) {
         let pieces = std::mem::take(&mut self.pieces);
-        for piece in &pieces {
-            let result = if is_read {
-                self.read_piece(slot, 0, piece.disk_offset, piece.memory)
-            } else {
-                self.write_piece(slot, piece.disk_offset, piece.memory)
-            };
-            if let Err(err) = result {
-                eprintln!("ferrotap: queue {}: {err}", self.index);
-                self.set_status(slot, status::ERROR);
-                break;
-            }
+        let memory = Scatter::new(&pieces);
+        let result = if is_read {
+            self.read_range(slot, 0, disk_start, memory)
+        } else {
+            self.write_range(slot, disk_start, memory)
+        };
+        if let Err(err) = result {
+            eprintln!("ferrotap: queue {}: {err}", self.index);
+            self.set_status(slot, status::ERROR);
         }
         self.pieces = pieces;
     }
 
-    /// Read guest bytes `[pos, pos + memory.len)` as layer `depth` and those below see them.
-    fn read_piece(&mut self, slot: usize, depth: usize, pos: u64, memory: IoMemory) -> Result<()> {
+    /// Read guest bytes `[pos, pos + memory.len())` as layer `depth` and those below see
+    /// them.
+    fn read_range(&mut self, slot: usize, depth: usize, pos: u64, memory: Scatter) -> Result<()> {
         let image = self.served_image()?;
         let layers = image.layers();
         let Some(layer) = layers.get(depth) else {
             // SAFETY: the slot owns `memory` and no I/O into it is in flight for this range.
-            unsafe { memory::zero(memory.ptr, memory.len) };
+            unsafe { memory.zero() };
             return Ok(());
         };
         let size = layer.virtual_size();
         let mut done = 0usize;
-        while done < memory.len {
+        while done < memory.len() {
             let at = pos + done as u64;
-            // SAFETY: done < memory.len, the rest of the request's memory.
-            let rest = unsafe { memory.slice(done, memory.len - done) };
+            let rest = memory.sub(done, memory.len() - done);
             if at >= size {
                 // Past a smaller parent's end: zeros.
                 // SAFETY: as above.
-                unsafe { memory::zero(rest.ptr, rest.len) };
+                unsafe { rest.zero() };
                 return Ok(());
             }
-            let want = (rest.len as u64).min(size - at);
+            let want = (rest.len() as u64).min(size - at);
             let Some(extent) = layer.map_cached(at, want)? else {
                 // The mapping needs metadata read from the file: the worker maps and reads
-                // the rest of this piece, so the queue's other requests go on meanwhile.
+                // the rest of this range, so the queue's other requests go on meanwhile.
                 self.stats.metadata_misses.fetch_add(1, Ordering::Relaxed);
                 let image = Arc::clone(&image);
+                let pieces = rest.to_vec();
                 self.submit_job(
                     slot,
                     Box::new(move || {
-                        // SAFETY: the slot keeps `rest` alive and untouched until this
+                        // SAFETY: the slot keeps the pieces alive and untouched until this
                         // job's result is collected.
-                        let buf = unsafe { rest.as_mut_slice() };
-                        image.read_below_layer(depth, buf, at)
+                        unsafe {
+                            memory::read_scattered(&pieces, |buf| {
+                                image.read_below_layer(depth, buf, at)
+                            })
+                        }
                     }),
                 );
                 return Ok(());
             };
             let n = extent.len.min(want) as usize;
-            // SAFETY: n <= rest.len.
-            let part = unsafe { rest.slice(0, n) };
+            let part = rest.sub(0, n);
             match extent.mapping {
                 Mapping::Data { file_offset, .. } => {
                     self.read_data(slot, layer, file_offset, part)?;
                 }
                 // SAFETY: the slot owns the memory; nothing else writes this range.
-                Mapping::Zero => unsafe { memory::zero(part.ptr, part.len) },
-                Mapping::Parent => self.read_piece(slot, depth + 1, at, part)?,
+                Mapping::Zero => unsafe { part.zero() },
+                Mapping::Parent => self.read_range(slot, depth + 1, at, part)?,
                 Mapping::Encoded => {
                     let layer = Arc::clone(layer);
+                    let pieces = part.to_vec();
                     self.submit_job(
                         slot,
                         Box::new(move || {
-                            // SAFETY: the slot keeps `part` alive and untouched until this
-                            // job's result is collected.
-                            let buf = unsafe { part.as_mut_slice() };
-                            layer.read_encoded(at, buf)
+                            // SAFETY: the slot keeps the pieces alive and untouched until
+                            // this job's result is collected.
+                            unsafe {
+                                memory::read_scattered(&pieces, |buf| layer.read_encoded(at, buf))
+                            }
                         }),
                     );
                 }
@@ -1120,72 +1116,123 @@ impl QueueThread {
         Ok(())
     }
 
+    /// Whether every piece of `memory`, read or written from `file_offset` on, is aligned
+    /// as `file` needs for direct I/O.
+    fn aligned(file: &ImageFile, memory: Scatter, file_offset: u64) -> bool {
+        let mut at = file_offset;
+        memory.iter().all(|piece| {
+            let ok = !file.needs_bounce(piece.ptr.as_ptr(), piece.len, at);
+            at += piece.len as u64;
+            ok
+        })
+    }
+
     fn read_data(
         &mut self,
         slot: usize,
         layer: &Arc<dyn Layer>,
         file_offset: u64,
-        part: IoMemory,
+        part: Scatter,
     ) -> Result<()> {
         let file = layer.file();
-        if !file.needs_bounce(part.ptr.as_ptr(), part.len, file_offset) {
-            let op = Op::Read {
-                fd: file.raw_fd(),
-                offset: file_offset,
-                buf: part.ptr.as_ptr(),
-                len: part.len as u32,
+        if Self::aligned(file, part, file_offset) {
+            let fd = file.raw_fd();
+            let op = match part.single() {
+                Some(one) => Op::Read {
+                    fd,
+                    offset: file_offset,
+                    buf: one.ptr.as_ptr(),
+                    len: one.len as u32,
+                },
+                None => {
+                    let (iov, iovcnt) = self.iovec_array(slot, part);
+                    Op::Readv {
+                        fd,
+                        offset: file_offset,
+                        iov,
+                        iovcnt,
+                    }
+                }
             };
             self.push_op(slot, op);
         } else {
             self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
             let layer = Arc::clone(layer);
+            let pieces = part.to_vec();
             self.submit_job(
                 slot,
                 Box::new(move || {
-                    // SAFETY: the slot keeps `part` alive and untouched until collected.
-                    let buf = unsafe { part.as_mut_slice() };
-                    layer.file().read_at(buf, file_offset)
+                    // SAFETY: the slot keeps the pieces alive and untouched until collected.
+                    unsafe {
+                        memory::read_scattered(&pieces, |buf| {
+                            layer.file().read_at(buf, file_offset)
+                        })
+                    }
                 }),
             );
         }
         Ok(())
     }
 
-    fn write_piece(&mut self, slot: usize, pos: u64, memory: IoMemory) -> Result<()> {
+    /// An iovec array for `memory`, kept by the slot until its op completes.
+    fn iovec_array(&mut self, slot: usize, memory: Scatter) -> (*const libc::iovec, u32) {
+        let mut iov = self.spare_iovecs.pop().unwrap_or_default();
+        memory::iovecs(memory.iter(), &mut iov);
+        // The array's heap block does not move when the vector is moved into the slot.
+        let array = (iov.as_ptr(), iov.len() as u32);
+        match self.slots[slot].as_mut() {
+            Some(s) => s.iovecs.push(iov),
+            None => self.spare_iovecs.push(iov),
+        }
+        array
+    }
+
+    fn write_range(&mut self, slot: usize, pos: u64, memory: Scatter) -> Result<()> {
         let image = self.served_image()?;
         let top = image.top();
         let mut done = 0usize;
-        while done < memory.len {
+        while done < memory.len() {
             let at = pos + done as u64;
-            let want = (memory.len - done) as u64;
+            let want = (memory.len() - done) as u64;
             let extent = top.map_cached(at, want)?;
             if extent.is_none() {
                 self.stats.metadata_misses.fetch_add(1, Ordering::Relaxed);
             }
-            // A miss writes the rest of the piece through the worker, which maps it there.
+            // A miss writes the rest of the range through the worker, which maps it there.
             let n = extent.map_or(want, |e| e.len.min(want)) as usize;
-            // SAFETY: done + n <= memory.len.
-            let part = unsafe { memory.slice(done, n) };
+            let part = memory.sub(done, n);
             let in_place = match extent.map(|e| e.mapping) {
                 Some(Mapping::Data {
                     file_offset,
                     shared: false,
                 }) => {
-                    let bounce = top.file().needs_bounce(part.ptr.as_ptr(), n, file_offset);
-                    if bounce {
+                    let aligned = Self::aligned(top.file(), part, file_offset);
+                    if !aligned {
                         self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
                     }
-                    (!bounce).then_some(file_offset)
+                    aligned.then_some(file_offset)
                 }
                 _ => None,
             };
             match in_place {
                 Some(file_offset) => {
-                    let op = Op::Write {
-                        fd: top.file().raw_fd(),
-                        offset: file_offset,
-                        buf: part.ptr.as_ptr(),
-                        len: n as u32,
+                    let fd = top.file().raw_fd();
+                    let op = match part.single() {
+                        Some(one) => Op::Write {
+                            fd,
+                            offset: file_offset,
+                            buf: one.ptr.as_ptr(),
+                            len: one.len as u32,
+                        },
+                        None => {
+                            let (iov, iovcnt) = self.iovec_array(slot, part);
+                            Op::Writev {
+                                fd,
+                                offset: file_offset,
+                                iov,
+                                iovcnt,
+                            }
+                        }
                     };
                     self.push_op(slot, op);
                 }
@@ -1193,13 +1240,15 @@ impl QueueThread {
                     // Allocation, copy-on-write, an unaligned piece or metadata to read:
                     // the chain's own write path, on the worker.
                     let image = Arc::clone(&image);
+                    let pieces = part.to_vec();
                     self.submit_job(
                         slot,
                         Box::new(move || {
-                            // SAFETY: the slot keeps `part` alive and unchanged until this
-                            // job's result is collected.
-                            let data = unsafe { part.as_slice() };
-                            image.write_at(data, at)
+                            // SAFETY: the slot keeps the pieces alive and unchanged until
+                            // this job's result is collected.
+                            unsafe {
+                                memory::write_scattered(&pieces, |data| image.write_at(data, at))
+                            }
                         }),
                     );
                 }
@@ -1326,6 +1375,10 @@ impl QueueThread {
         copy_back.clear();
         self.spare_pages.push(pages);
         self.spare_copies.push(copy_back);
+        for mut iov in s.iovecs {
+            iov.clear();
+            self.spare_iovecs.push(iov);
+        }
         if s.status != status::OKAY {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }

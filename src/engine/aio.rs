@@ -32,6 +32,8 @@ use crate::error::{Error, Result};
 const IOCB_CMD_PREAD: u16 = 0;
 const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_FDSYNC: u16 = 3;
+const IOCB_CMD_PREADV: u16 = 7;
+const IOCB_CMD_PWRITEV: u16 = 8;
 const IOCB_FLAG_RESFD: u32 = 1;
 /// `AIO_RING_MAGIC` of fs/aio.c, and where head, tail and magic sit in its `struct aio_ring`
 /// (in u32 words).
@@ -351,7 +353,7 @@ fn event_result(res: i64) -> i32 {
 }
 
 // `transfer_now` passes a 64-bit file offset as one system call argument: on 32-bit
-// targets pread64 takes it split in two.
+// targets pread64 takes it split in two (and preadv's high half would be needed).
 const _: () = assert!(
     usize::BITS == 64,
     "transfer_now's pread64/pwrite64 take the offset in one argument on 64-bit targets only"
@@ -360,7 +362,8 @@ const _: () = assert!(
 /// One read, write or sync done synchronously: bytes moved, or a negative errno.
 ///
 /// # Safety
-/// For a read or write, `buf` is valid for `len` bytes (writable for a read), as
+/// For a read or write, `buf` is valid for `len` bytes (writable for a read); for a
+/// vectored one, `buf` is an array of `len` iovecs whose buffers are valid likewise; as
 /// `Engine::push` requires of its caller.
 unsafe fn transfer_now(opcode: u16, fd: RawFd, buf: u64, len: u32, offset: i64) -> i32 {
     let buf = buf as usize as *mut libc::c_void;
@@ -377,6 +380,17 @@ unsafe fn transfer_now(opcode: u16, fd: RawFd, buf: u64, len: u32, offset: i64) 
             // SAFETY: `buf` holds `len` readable bytes (this function's contract).
             IOCB_CMD_PWRITE => unsafe {
                 libc::syscall(libc::SYS_pwrite64, fd, buf, len as usize, offset)
+            },
+            // preadv/pwritev take the offset split in two; on a 64-bit target the kernel
+            // uses the low argument whole.
+            // SAFETY: `buf` is an iovec array of `len` entries whose buffers are writable
+            // (this function's contract).
+            IOCB_CMD_PREADV => unsafe {
+                libc::syscall(libc::SYS_preadv, fd, buf, len as usize, offset, 0)
+            },
+            // SAFETY: `buf` is an iovec array of `len` readable entries (the contract).
+            IOCB_CMD_PWRITEV => unsafe {
+                libc::syscall(libc::SYS_pwritev, fd, buf, len as usize, offset, 0)
             },
             _ => return fdatasync(fd),
         };
@@ -432,6 +446,19 @@ impl Engine for AioEngine {
                 buf,
                 len,
             } => (fd, IOCB_CMD_PWRITE, buf as u64, len, offset),
+            // A vectored op's "buffer" is its iovec array and its "length" the entries.
+            Op::Readv {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => (fd, IOCB_CMD_PREADV, iov as u64, iovcnt, offset),
+            Op::Writev {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => (fd, IOCB_CMD_PWRITEV, iov as u64, iovcnt, offset),
             Op::Fsync { fd } => (fd, IOCB_CMD_FDSYNC, 0, 0, 0),
         };
         if len > i32::MAX as u32 {

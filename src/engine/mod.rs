@@ -35,6 +35,21 @@ pub enum Op {
         buf: *const u8,
         len: u32,
     },
+    /// preadv: the `iovcnt` buffers of the array at `iov` are filled in order from `offset`.
+    /// The array, like the buffers, stays valid until the completion.
+    Readv {
+        fd: RawFd,
+        offset: u64,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
+    /// pwritev: the buffers of the array at `iov`, in order, written from `offset`.
+    Writev {
+        fd: RawFd,
+        offset: u64,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
     /// fdatasync: completed writes' data and the metadata needed to read them are durable.
     Fsync { fd: RawFd },
 }
@@ -76,8 +91,8 @@ pub trait Engine {
     /// Queue `op`; it is submitted by the next `wait` (or earlier when the queue fills).
     ///
     /// # Safety
-    /// The op's buffer must stay valid (and, for reads, unaliased) until the completion
-    /// carrying `token` has been returned by `wait`.
+    /// The op's buffers (and a vectored op's iovec array) must stay valid (and, for reads,
+    /// unaliased) until the completion carrying `token` has been returned by `wait`.
     unsafe fn push(&mut self, token: u64, op: Op) -> Result<()>;
 
     /// One-shot watch: a completion with `token` arrives once `fd` is readable.

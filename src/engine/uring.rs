@@ -370,6 +370,28 @@ impl Engine for UringEngine {
                 buf,
                 len,
             } => transfer!(Write, WriteFixed, fd, offset, buf, len),
+            Op::Readv {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => match self.file_index(fd) {
+                Some(file) => opcode::Readv::new(types::Fixed(file), iov, iovcnt),
+                None => opcode::Readv::new(types::Fd(fd), iov, iovcnt),
+            }
+            .offset(offset)
+            .build(),
+            Op::Writev {
+                fd,
+                offset,
+                iov,
+                iovcnt,
+            } => match self.file_index(fd) {
+                Some(file) => opcode::Writev::new(types::Fixed(file), iov, iovcnt),
+                None => opcode::Writev::new(types::Fd(fd), iov, iovcnt),
+            }
+            .offset(offset)
+            .build(),
             Op::Fsync { fd } => match self.file_index(fd) {
                 Some(file) => opcode::Fsync::new(types::Fixed(file)),
                 None => opcode::Fsync::new(types::Fd(fd)),
