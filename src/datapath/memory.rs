@@ -261,12 +261,12 @@ impl<'a> Scatter<'a> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn len(self) -> usize {
         self.len
     }
 
     /// The window `[offset, offset + len)` of this one, clamped to it.
-    pub fn sub(&self, offset: usize, len: usize) -> Scatter<'a> {
+    pub fn sub(self, offset: usize, len: usize) -> Scatter<'a> {
         let offset = offset.min(self.len);
         Scatter {
             parts: self.parts,
@@ -276,7 +276,7 @@ impl<'a> Scatter<'a> {
     }
 
     /// The pieces of memory in the window, in disk order.
-    pub fn iter(&self) -> impl Iterator<Item = IoMemory> + 'a {
+    pub fn iter(self) -> impl Iterator<Item = IoMemory> + 'a {
         let (mut skip, mut left) = (self.skip, self.len);
         self.parts.iter().filter_map(move |part| {
             if left == 0 {
@@ -296,7 +296,7 @@ impl<'a> Scatter<'a> {
     }
 
     /// The window as one piece of memory, when it is one.
-    pub fn single(&self) -> Option<IoMemory> {
+    pub fn single(self) -> Option<IoMemory> {
         let mut pieces = self.iter();
         let first = pieces.next()?;
         pieces.next().is_none().then_some(first)
@@ -306,7 +306,7 @@ impl<'a> Scatter<'a> {
     ///
     /// # Safety
     /// The pieces must be valid for writes and unaliased.
-    pub unsafe fn zero(&self) {
+    pub unsafe fn zero(self) {
         for piece in self.iter() {
             // SAFETY: forwarded to the caller.
             unsafe { zero(piece.ptr, piece.len) };
@@ -314,7 +314,7 @@ impl<'a> Scatter<'a> {
     }
 
     /// The window's pieces, owned (for a worker job).
-    pub fn to_vec(&self) -> Vec<IoMemory> {
+    pub fn to_vec(self) -> Vec<IoMemory> {
         self.iter().collect()
     }
 }
