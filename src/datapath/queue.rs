@@ -12,6 +12,7 @@
 //! -> completions -> (reads in copy mode: grant copy back) -> (FUA/flush: worker flush) ->
 //! response -> push with the notify rule.
 
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -1136,25 +1137,7 @@ impl QueueThread {
     ) -> Result<()> {
         let file = layer.file();
         if Self::aligned(file, part, file_offset) {
-            let fd = file.raw_fd();
-            let op = match part.single() {
-                Some(one) => Op::Read {
-                    fd,
-                    offset: file_offset,
-                    buf: one.ptr.as_ptr(),
-                    len: one.len as u32,
-                },
-                None => {
-                    let (iov, iovcnt) = self.iovec_array(slot, part);
-                    Op::Readv {
-                        fd,
-                        offset: file_offset,
-                        iov,
-                        iovcnt,
-                    }
-                }
-            };
-            self.push_op(slot, op);
+            self.push_transfer(slot, true, file.raw_fd(), file_offset, part);
         } else {
             self.stats.unaligned_pieces.fetch_add(1, Ordering::Relaxed);
             let layer = Arc::clone(layer);
@@ -1172,6 +1155,52 @@ impl QueueThread {
             );
         }
         Ok(())
+    }
+
+    /// One engine op reading `memory` from `fd` at `offset` (or writing it there): a plain
+    /// read or write for one piece (from the pool's fixed buffer where registered), a
+    /// vectored one for several.
+    fn push_transfer(
+        &mut self,
+        slot: usize,
+        is_read: bool,
+        fd: RawFd,
+        offset: u64,
+        memory: Scatter,
+    ) {
+        let op = match memory.single() {
+            Some(one) if is_read => Op::Read {
+                fd,
+                offset,
+                buf: one.ptr.as_ptr(),
+                len: one.len as u32,
+            },
+            Some(one) => Op::Write {
+                fd,
+                offset,
+                buf: one.ptr.as_ptr(),
+                len: one.len as u32,
+            },
+            None => {
+                let (iov, iovcnt) = self.iovec_array(slot, memory);
+                if is_read {
+                    Op::Readv {
+                        fd,
+                        offset,
+                        iov,
+                        iovcnt,
+                    }
+                } else {
+                    Op::Writev {
+                        fd,
+                        offset,
+                        iov,
+                        iovcnt,
+                    }
+                }
+            }
+        };
+        self.push_op(slot, op);
     }
 
     /// An iovec array for `memory`, kept by the slot until its op completes.
@@ -1216,25 +1245,7 @@ impl QueueThread {
             };
             match in_place {
                 Some(file_offset) => {
-                    let fd = top.file().raw_fd();
-                    let op = match part.single() {
-                        Some(one) => Op::Write {
-                            fd,
-                            offset: file_offset,
-                            buf: one.ptr.as_ptr(),
-                            len: one.len as u32,
-                        },
-                        None => {
-                            let (iov, iovcnt) = self.iovec_array(slot, part);
-                            Op::Writev {
-                                fd,
-                                offset: file_offset,
-                                iov,
-                                iovcnt,
-                            }
-                        }
-                    };
-                    self.push_op(slot, op);
+                    self.push_transfer(slot, false, top.file().raw_fd(), file_offset, part);
                 }
                 None => {
                     // Allocation, copy-on-write, an unaligned piece or metadata to read:
