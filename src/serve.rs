@@ -284,6 +284,8 @@ enum Reply {
 
 /// Run `ferrotap serve` until a `close` request.
 pub fn run(args: &ServeArgs) -> Result<()> {
+    // A process-wide allocator setting, made once before any queue or worker thread.
+    crate::datapath::return_large_blocks_when_freed();
     let mut device = device_from_args(args)?;
     let watchers = Arc::new(Watchers::default());
     let hook_watchers = Arc::clone(&watchers);

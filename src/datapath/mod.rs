@@ -3,6 +3,7 @@
 //! tells it to connect and disconnect.
 
 mod memory;
+pub use memory::return_large_blocks_when_freed;
 mod pgrants;
 mod queue;
 pub mod statsfile;
@@ -589,7 +590,6 @@ impl Device {
     /// Map the rings, bind the event channels and start one thread per queue. While paused
     /// the queues start paused too.
     pub fn connect(&mut self, params: ConnectParams) -> Result<()> {
-        memory::return_large_blocks_when_freed();
         if self.connection.is_some() {
             return Err(Error::invalid("already connected; disconnect first"));
         }
