@@ -23,8 +23,8 @@ use std::ptr::NonNull;
 
 use ferrotap::blkif::ring::{ring_entries, BackRing, FrontRing};
 use ferrotap::blkif::{
-    op, status, Protocol, Request, RequestBody, Response, Segment, MAX_SEGMENTS_PER_REQUEST,
-    PAGE_SIZE,
+    op, status, Protocol, Request, RequestBody, Response, Segment, INDIRECT_SEGMENT_SIZE,
+    MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE,
 };
 
 /// The C side; `@VALUES@` is replaced by the generated initializers.
@@ -62,6 +62,9 @@ const uint32_t layout[] = {
     __CONST_RING_SIZE(blkif, 4 * 4096),
     __CONST_RING_SIZE(blkif, 8 * 4096),
     __CONST_RING_SIZE(blkif, 16 * 4096),
+    sizeof(struct blkif_request_segment),
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
 };
 
 #ifndef LAYOUT_ONLY
@@ -616,6 +619,15 @@ fn layouts_and_ring_sizes_match_the_xen_headers_for_both_abis() {
             layout[10..15],
             ours[..],
             "{name} __CONST_RING_SIZE for 1..16 pages"
+        );
+        assert_eq!(
+            layout[15..18],
+            [
+                INDIRECT_SEGMENT_SIZE as u32,
+                MAX_SEGMENTS_PER_REQUEST as u32,
+                MAX_INDIRECT_PAGES_PER_REQUEST as u32
+            ],
+            "{name} segment descriptor size, direct segments, indirect pages per request"
         );
 
         check_request(&c, protocol, "direct_request", &direct_request());

@@ -294,7 +294,8 @@ fn vhd_dynamic_and_differencing_chain() {
 /// one-page ring's 32 x 11), and the data, scattered over those pages at random offsets,
 /// verifies. On a disk file (O_DIRECT) and a qcow2 in memory over a raw backing on a disk
 /// (cluster boundaries splitting the scattered pieces, reads from the backing, allocating
-/// writes through the worker), both engines.
+/// writes through the worker), both engines. Their indirect pages are kept mapped too: with
+/// every grant under the bound, serve makes no grant copy at all (`grant_copies`).
 #[test]
 fn indirect_requests_on_persistent_pages() {
     const DIRECT_BOUND: u64 = 32 * 11;
@@ -341,6 +342,42 @@ fn indirect_requests_on_persistent_pages() {
         );
         serve.close();
         assert!(check_model(image, &model, true) > 0);
+    }
+    // A frontend whose grants all fit under the bound (Linux blkfront's default of 32
+    // indirect segments: 32 x 33 pages) has no grant copied, indirect pages included; the
+    // same workload without feature-persistent has them all copied.
+    for persistent in [true, false] {
+        let serve = host.serve("vbd", &raw, &[]);
+        let mut args = vec![
+            "--workload",
+            "verify",
+            "--ops",
+            "600",
+            "--seed",
+            "25",
+            "--indirect-segments",
+            "32",
+            "--model-out",
+            model_arg,
+        ];
+        if persistent {
+            args.push("--persistent");
+        }
+        let report = host.blkfront_ok(&serve, &args);
+        assert_eq!(report["errors"], json!(0), "{report}");
+        let stats = serve.ctl(&json!({"op": "stats"}));
+        let copies = stats["totals"]["grant_copies"].as_u64().unwrap();
+        let reads_writes = ["reads", "writes"]
+            .iter()
+            .map(|key| stats["totals"][key].as_u64().unwrap())
+            .sum::<u64>();
+        if persistent {
+            assert_eq!(copies, 0, "grant copies with persistent grants: {stats}");
+        } else {
+            assert!(copies >= reads_writes, "{copies} grant copies: {stats}");
+        }
+        serve.close();
+        assert!(check_model(&raw, &model, true) > 0);
     }
 }
 

@@ -14,8 +14,10 @@ pub const SECTORS_PER_PAGE: u8 = (PAGE_SIZE as u64 / SECTOR_SIZE) as u8;
 pub const MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST: indirect pages named in an indirect request.
 pub const MAX_INDIRECT_PAGES_PER_REQUEST: usize = 8;
-/// Segment descriptors (`blkif_request_segment`, 8 bytes) that fit in one indirect page.
-pub const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / 8;
+/// Size of a segment descriptor in an indirect page (`struct blkif_request_segment`).
+pub const INDIRECT_SEGMENT_SIZE: usize = 8;
+/// Segment descriptors that fit in one indirect page.
+pub const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / INDIRECT_SEGMENT_SIZE;
 /// The most indirect segments ferrotap advertises (`feature-max-indirect-segments`), as
 /// Linux blkback does: 1 MiB per request.
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;

@@ -196,6 +196,9 @@ pub struct QueueStats {
     pub notifications_sent: AtomicU64,
     pub wakeups: AtomicU64,
     pub persistent_grants: AtomicU64,
+    /// Grant-copy calls (one GNTTABOP_copy batch, a gntdev ioctl, each): request data of a
+    /// frontend without persistent grants, and indirect pages not kept mapped.
+    pub grant_copies: AtomicU64,
     /// Pieces of requests mapped and done on the worker because their image metadata (a
     /// VHD bitmap, a qcow2 L2 table) was not in memory.
     pub metadata_misses: AtomicU64,
@@ -222,6 +225,7 @@ pub struct QueueStatsSnapshot {
     pub notifications_sent: u64,
     pub wakeups: u64,
     pub persistent_grants: u64,
+    pub grant_copies: u64,
     pub metadata_misses: u64,
     pub unaligned_pieces: u64,
     pub latency: Latencies,
@@ -244,6 +248,7 @@ impl QueueStats {
             notifications_sent: get(&self.notifications_sent),
             wakeups: get(&self.wakeups),
             persistent_grants: get(&self.persistent_grants),
+            grant_copies: get(&self.grant_copies),
             metadata_misses: get(&self.metadata_misses),
             unaligned_pieces: get(&self.unaligned_pieces),
             latency: Latencies {
@@ -274,6 +279,7 @@ impl QueueStatsSnapshot {
             total.notifications_sent += q.notifications_sent;
             total.wakeups += q.wakeups;
             total.persistent_grants += q.persistent_grants;
+            total.grant_copies += q.grant_copies;
             total.metadata_misses += q.metadata_misses;
             total.unaligned_pieces += q.unaligned_pieces;
             total.latency.add(&q.latency);

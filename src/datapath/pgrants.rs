@@ -4,8 +4,9 @@
 //! backend keep more; pages still used by a request in flight are never evicted (the
 //! request holds an `Rc`).
 
-use std::collections::HashMap;
 use std::rc::Rc;
+
+use lru::LruCache;
 
 use crate::blkif::MAX_SEGMENTS_PER_REQUEST;
 use crate::error::Result;
@@ -31,23 +32,19 @@ pub fn kept_pages(ring_size: usize, max_segments: usize) -> usize {
 /// One mapped guest page.
 pub type MappedPage = Rc<Box<dyn GrantMapping>>;
 
-struct Entry {
-    page: MappedPage,
-    last_used: u64,
-}
-
+/// The pages kept, least recently used last out of the LRU. Every operation is O(1) but
+/// eviction, which passes over the pages requests in flight still hold: those were used
+/// recently, so the least recent end seldom has any.
 pub struct PersistentGrants {
-    pages: HashMap<GrantRef, Entry>,
+    pages: LruCache<GrantRef, MappedPage>,
     limit: usize,
-    clock: u64,
 }
 
 impl PersistentGrants {
     pub fn new(limit: usize) -> PersistentGrants {
         PersistentGrants {
-            pages: HashMap::with_capacity(limit.min(4096)),
+            pages: LruCache::unbounded(),
             limit,
-            clock: 0,
         }
     }
 
@@ -58,7 +55,7 @@ impl PersistentGrants {
     /// Whether a request on `grefs` can be served on persistent mappings without evicting
     /// any: those not mapped yet fit under the bound.
     pub fn has_room_for(&self, grefs: impl Iterator<Item = GrantRef>) -> bool {
-        let missing = grefs.filter(|gref| !self.pages.contains_key(gref)).count();
+        let missing = grefs.filter(|gref| !self.pages.contains(gref)).count();
         self.pages.len() + missing <= self.limit
     }
 
@@ -71,11 +68,9 @@ impl PersistentGrants {
         gref: GrantRef,
         write: bool,
     ) -> Result<MappedPage> {
-        self.clock += 1;
-        if let Some(entry) = self.pages.get_mut(&gref) {
-            if entry.page.writable() || !write {
-                entry.last_used = self.clock;
-                return Ok(Rc::clone(&entry.page));
+        if let Some(page) = self.pages.get(&gref) {
+            if page.writable() || !write {
+                return Ok(Rc::clone(page));
             }
         }
         let mapping = match access.map(&[gref], true) {
@@ -84,31 +79,157 @@ impl PersistentGrants {
             Err(_) => access.map(&[gref], false)?,
         };
         let page: MappedPage = Rc::new(mapping);
-        if self.pages.len() >= self.limit && !self.pages.contains_key(&gref) {
-            self.evict_one();
-        }
-        if self.pages.len() < self.limit || self.pages.contains_key(&gref) {
-            self.pages.insert(
-                gref,
-                Entry {
-                    page: Rc::clone(&page),
-                    last_used: self.clock,
-                },
-            );
+        // A read-only page mapped again replaces its entry (a request holding the old one
+        // keeps it until it completes). A new one needs room: when every kept page is held,
+        // the page serves this request only and is unmapped after it.
+        let replacing = self.pages.contains(&gref);
+        if replacing || self.pages.len() < self.limit || self.evict_one() {
+            self.pages.put(gref, Rc::clone(&page));
         }
         Ok(page)
     }
 
-    /// Drop the least recently used page no request holds.
-    fn evict_one(&mut self) {
+    /// Drop the least recently used page no request holds; false when every page is held.
+    fn evict_one(&mut self) -> bool {
         let victim = self
             .pages
             .iter()
-            .filter(|(_, entry)| Rc::strong_count(&entry.page) == 1)
-            .min_by_key(|(_, entry)| entry.last_used)
+            .rev()
+            .find(|(_, page)| Rc::strong_count(page) == 1)
             .map(|(gref, _)| *gref);
-        if let Some(gref) = victim {
-            self.pages.remove(&gref);
+        victim.is_some_and(|gref| self.pages.pop(&gref).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::error::{Error, ErrorKind};
+    use crate::xen::{CopyDirection, CopySegment};
+
+    /// Grants of a fake guest: counts the maps made and the mappings still alive.
+    struct FakeGuest {
+        read_only: HashSet<GrantRef>,
+        maps: usize,
+        live: Arc<AtomicUsize>,
+    }
+
+    struct FakeMapping {
+        page: Vec<u8>,
+        writable: bool,
+        live: Arc<AtomicUsize>,
+    }
+
+    impl GrantMapping for FakeMapping {
+        fn as_ptr(&self) -> NonNull<u8> {
+            NonNull::from(&self.page[0])
         }
+        fn len(&self) -> usize {
+            self.page.len()
+        }
+        fn writable(&self) -> bool {
+            self.writable
+        }
+    }
+
+    impl Drop for FakeMapping {
+        fn drop(&mut self) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    impl GrantAccess for FakeGuest {
+        fn map(&mut self, refs: &[GrantRef], writable: bool) -> Result<Box<dyn GrantMapping>> {
+            if writable && refs.iter().any(|gref| self.read_only.contains(gref)) {
+                return Err(Error::new(ErrorKind::ReadOnly, "read-only grant"));
+            }
+            self.maps += 1;
+            self.live.fetch_add(1, Ordering::Relaxed);
+            Ok(Box::new(FakeMapping {
+                page: vec![0; 4096 * refs.len()],
+                writable,
+                live: Arc::clone(&self.live),
+            }))
+        }
+
+        unsafe fn copy(&mut self, _: CopyDirection, _: &mut [CopySegment]) -> Result<()> {
+            Err(Error::new(ErrorKind::Unsupported, "not used"))
+        }
+    }
+
+    fn guest() -> FakeGuest {
+        FakeGuest {
+            read_only: HashSet::from([7]),
+            maps: 0,
+            live: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn live(guest: &FakeGuest) -> usize {
+        guest.live.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn least_recently_used_page_is_evicted() {
+        let mut guest = guest();
+        let mut kept = PersistentGrants::new(3);
+        for gref in [1, 2, 3, 1] {
+            kept.get(&mut guest, gref, true).unwrap();
+        }
+        assert_eq!((guest.maps, kept.len(), live(&guest)), (3, 3, 3));
+        // 2 is now the least recently used.
+        kept.get(&mut guest, 4, true).unwrap();
+        assert_eq!((guest.maps, kept.len(), live(&guest)), (4, 3, 3));
+        kept.get(&mut guest, 1, true).unwrap();
+        kept.get(&mut guest, 3, true).unwrap();
+        assert_eq!(guest.maps, 4, "1 and 3 stayed mapped");
+        kept.get(&mut guest, 2, true).unwrap();
+        assert_eq!(guest.maps, 5, "2 was unmapped and is mapped again");
+        assert_eq!(live(&guest), 3);
+    }
+
+    #[test]
+    fn pages_held_by_requests_are_not_evicted() {
+        let mut guest = guest();
+        let mut kept = PersistentGrants::new(2);
+        let held = kept.get(&mut guest, 1, true).unwrap();
+        kept.get(&mut guest, 2, true).unwrap();
+        // 1 is the least recently used, but held: 2 goes.
+        kept.get(&mut guest, 3, true).unwrap();
+        assert_eq!(live(&guest), 2, "1 and 3 mapped, 2 unmapped");
+        assert_eq!(kept.len(), 2);
+        kept.get(&mut guest, 1, true).unwrap();
+        assert_eq!(guest.maps, 3, "1 was kept");
+        drop(held);
+        // Every page held: a new one serves its request and is unmapped after it.
+        let a = kept.get(&mut guest, 1, true).unwrap();
+        let b = kept.get(&mut guest, 3, true).unwrap();
+        let transient = kept.get(&mut guest, 4, true).unwrap();
+        assert_eq!((kept.len(), live(&guest)), (2, 3));
+        drop(transient);
+        assert_eq!(live(&guest), 2);
+        drop((a, b));
+        assert!(kept.has_room_for([1, 3].into_iter()));
+        assert!(!kept.has_room_for([1, 5].into_iter()));
+    }
+
+    #[test]
+    fn read_only_grants_are_mapped_read_only() {
+        let mut guest = guest();
+        let mut kept = PersistentGrants::new(4);
+        let page = kept.get(&mut guest, 7, false).unwrap();
+        assert!(!page.writable());
+        assert!(
+            kept.get(&mut guest, 7, true).is_err(),
+            "a guest READ into it"
+        );
+        let writable = kept.get(&mut guest, 8, false).unwrap();
+        assert!(writable.writable());
+        assert_eq!(kept.len(), 2);
     }
 }

@@ -30,7 +30,9 @@ use crate::blkif::{
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::{Error, Result};
 use crate::image::{Image, ImageFile, Layer, Mapping};
-use crate::xen::{gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping};
+use crate::xen::{
+    gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping, GrantRef,
+};
 
 const TOKEN_EVTCHN: u64 = u64::MAX;
 const TOKEN_WAKE: u64 = u64::MAX - 1;
@@ -813,24 +815,7 @@ impl QueueThread {
                 if pages > blkif::MAX_INDIRECT_PAGES_PER_REQUEST {
                     return false;
                 }
-                self.copies.clear();
-                for (page, gref) in indirect_grefs.iter().take(pages).enumerate() {
-                    let in_page = (n - page * blkif::SEGMENTS_PER_INDIRECT_PAGE)
-                        .min(blkif::SEGMENTS_PER_INDIRECT_PAGE);
-                    let local = NonNull::from(&mut self.indirect_page[page * PAGE_SIZE]);
-                    self.copies.push(CopySegment {
-                        gref: *gref,
-                        offset: 0,
-                        len: (in_page * 8) as u16,
-                        local,
-                        status: gntst::OKAY,
-                    });
-                }
-                // SAFETY: every local pointer is inside `indirect_page` (8 pages), each
-                // segment at most one page, and nothing else touches it during the call.
-                let copied =
-                    unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
-                if copied.is_err() || copy_failed(&self.copies).is_some() {
+                if !self.read_indirect_pages(&indirect_grefs[..pages], n) {
                     return false;
                 }
                 self.segments.resize(n, Segment::default());
@@ -848,6 +833,59 @@ impl QueueThread {
         self.segments
             .iter()
             .all(|s| s.first_sect <= s.last_sect && s.last_sect < blkif::SECTORS_PER_PAGE)
+    }
+
+    /// Copy the descriptors of a request's `n` segments out of its indirect pages `grefs`
+    /// into `indirect_page`, where alone they are looked at. A frontend that keeps its
+    /// grants has its indirect pages mapped and kept like its data pages (as blkback does),
+    /// when they are mapped already or fit under the bound; otherwise they are
+    /// grant-copied.
+    fn read_indirect_pages(&mut self, grefs: &[GrantRef], n: usize) -> bool {
+        let bytes_in = |page: usize| {
+            (n - page * blkif::SEGMENTS_PER_INDIRECT_PAGE).min(blkif::SEGMENTS_PER_INDIRECT_PAGE)
+                * blkif::INDIRECT_SEGMENT_SIZE
+        };
+        if let Some(persistent) = self.persistent.as_mut() {
+            if persistent.has_room_for(grefs.iter().copied()) {
+                for (page, gref) in grefs.iter().enumerate() {
+                    let Ok(mapped) = persistent.get(self.grants.as_mut(), *gref, false) else {
+                        return false;
+                    };
+                    let len = bytes_in(page);
+                    if mapped.len() < len {
+                        return false;
+                    }
+                    let local = &mut self.indirect_page[page * PAGE_SIZE..][..len];
+                    // SAFETY: the mapping holds at least `len` bytes (checked) and `local` is
+                    // ours. The guest may write its page meanwhile, as during a grant copy:
+                    // only the copy is looked at.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            mapped.as_ptr().as_ptr(),
+                            local.as_mut_ptr(),
+                            len,
+                        );
+                    }
+                }
+                return true;
+            }
+        }
+        self.copies.clear();
+        for (page, gref) in grefs.iter().enumerate() {
+            let local = NonNull::from(&mut self.indirect_page[page * PAGE_SIZE]);
+            self.copies.push(CopySegment {
+                gref: *gref,
+                offset: 0,
+                len: bytes_in(page) as u16,
+                local,
+                status: gntst::OKAY,
+            });
+        }
+        self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: every local pointer is inside `indirect_page` (8 pages), each segment at
+        // most one page, and nothing else touches it during the call.
+        let copied = unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
+        copied.is_ok() && copy_failed(&self.copies).is_none()
     }
 
     fn start_data(
@@ -1002,6 +1040,7 @@ impl QueueThread {
                 s.copy_back.extend_from_slice(&self.copies);
                 return true;
             }
+            self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
             // SAFETY: every local pointer lies inside this request's pool buffer, which the
             // slot owns and nothing else touches until the request completes.
             let copied = unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
@@ -1327,6 +1366,7 @@ impl QueueThread {
         }
         if s.phase == Phase::Io && s.status == status::OKAY && !s.copy_back.is_empty() {
             let mut copies = std::mem::take(&mut s.copy_back);
+            self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the local pointers lie inside this slot's pool buffer, whose reads
             // have all completed (pending == 0); nothing else touches it.
             let copied = unsafe { self.grants.copy(CopyDirection::ToGuest, &mut copies) };
