@@ -47,10 +47,10 @@ def check_stats(outdir, modes):
         return sum(q.get(key, 0) for q in queues)
 
     print("STATS: total requests=%d reads=%d writes=%d flushes=%d discards=%d errors=%d "
-          "unsupported=%d bytes_read=%d bytes_written=%d persistent_grants=%d"
+          "unsupported=%d bytes_read=%d bytes_written=%d persistent_grants=%d grant_copies=%d"
           % tuple(total(k) for k in ("requests", "reads", "writes", "flushes", "discards",
                                      "errors", "unsupported", "bytes_read", "bytes_written",
-                                     "persistent_grants")))
+                                     "persistent_grants", "grant_copies")))
     if len(queues) != negotiated["queues"]:
         failures.append("%d queues in stats, %d negotiated" % (len(queues), negotiated["queues"]))
     for i, q in enumerate(queues):
