@@ -32,9 +32,10 @@ pub fn kept_pages(ring_size: usize, max_segments: usize) -> usize {
 /// One mapped guest page.
 pub type MappedPage = Rc<Box<dyn GrantMapping>>;
 
-/// The pages kept, least recently used last out of the LRU. Every operation is O(1) but
-/// eviction, which passes over the pages requests in flight still hold: those were used
-/// recently, so the least recent end seldom has any.
+/// The kept pages, in order of last use. Lookups and insertions are O(1); eviction walks
+/// from the least recently used end past the pages requests in flight still hold, which
+/// were used recently and so are seldom there (when every kept page is held it walks them
+/// all, at most the bound).
 pub struct PersistentGrants {
     pages: LruCache<GrantRef, MappedPage>,
     limit: usize,
