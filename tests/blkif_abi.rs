@@ -23,8 +23,8 @@ use std::ptr::NonNull;
 
 use ferrotap::blkif::ring::{ring_entries, BackRing, FrontRing};
 use ferrotap::blkif::{
-    op, status, Protocol, Request, RequestBody, Response, Segment, INDIRECT_SEGMENT_SIZE,
-    MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE,
+    op, status, Protocol, Request, RequestBody, Response, Segment, MAX_INDIRECT_PAGES_PER_REQUEST,
+    MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE, SEGMENT_SIZE,
 };
 
 /// The C side; `@VALUES@` is replaced by the generated initializers.
@@ -623,7 +623,7 @@ fn layouts_and_ring_sizes_match_the_xen_headers_for_both_abis() {
         assert_eq!(
             layout[15..18],
             [
-                INDIRECT_SEGMENT_SIZE as u32,
+                SEGMENT_SIZE as u32,
                 MAX_SEGMENTS_PER_REQUEST as u32,
                 MAX_INDIRECT_PAGES_PER_REQUEST as u32
             ],

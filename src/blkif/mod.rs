@@ -14,10 +14,10 @@ pub const SECTORS_PER_PAGE: u8 = (PAGE_SIZE as u64 / SECTOR_SIZE) as u8;
 pub const MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST: indirect pages named in an indirect request.
 pub const MAX_INDIRECT_PAGES_PER_REQUEST: usize = 8;
-/// Size of a segment descriptor in an indirect page (`struct blkif_request_segment`).
-pub const INDIRECT_SEGMENT_SIZE: usize = 8;
+/// `struct blkif_request_segment`: a segment descriptor, in a request or an indirect page.
+pub const SEGMENT_SIZE: usize = 8;
 /// Segment descriptors that fit in one indirect page.
-pub const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / INDIRECT_SEGMENT_SIZE;
+pub const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / SEGMENT_SIZE;
 /// The most indirect segments ferrotap advertises (`feature-max-indirect-segments`), as
 /// Linux blkback does: 1 MiB per request.
 pub const MAX_INDIRECT_SEGMENTS: usize = 256;
@@ -132,8 +132,6 @@ const LAYOUT_X86_32: Layout = Layout {
 pub(crate) const MAX_ENTRY_SIZE: usize = 112;
 /// Bytes of `blkif_response` as ferrotap writes it (id, operation, pad, status, 4 pad).
 const RESPONSE_SIZE: usize = 16;
-/// Bytes of one `blkif_request_segment`.
-const SEGMENT_SIZE: usize = 8;
 
 fn get_u16(buf: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([buf[at], buf[at + 1]])

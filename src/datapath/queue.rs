@@ -165,12 +165,21 @@ fn request_class_op(request: &Request, response_op: u8) -> u8 {
     }
 }
 
-/// The first failure status of a grant copy batch, if any.
-fn copy_failed(segments: &[CopySegment]) -> Option<(u32, i16)> {
-    segments
-        .iter()
-        .find(|s| s.status != gntst::OKAY)
-        .map(|s| (s.gref, s.status))
+/// Grant-copy `segments` (one GNTTABOP_copy batch, counted in `grant_copies`); true when
+/// every segment was copied.
+///
+/// # Safety
+/// As [`GrantAccess::copy`].
+unsafe fn grant_copy(
+    grants: &mut dyn GrantAccess,
+    stats: &QueueStats,
+    direction: CopyDirection,
+    segments: &mut [CopySegment],
+) -> bool {
+    stats.grant_copies.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the caller's contract is `copy`'s.
+    let copied = unsafe { grants.copy(direction, segments) };
+    copied.is_ok() && segments.iter().all(|s| s.status == gntst::OKAY)
 }
 
 impl QueueThread {
@@ -819,13 +828,9 @@ impl QueueThread {
                     return false;
                 }
                 self.segments.resize(n, Segment::default());
-                for page in 0..pages {
-                    let first = page * blkif::SEGMENTS_PER_INDIRECT_PAGE;
-                    let count = (n - first).min(blkif::SEGMENTS_PER_INDIRECT_PAGE);
-                    decode_indirect_segments(
-                        &self.indirect_page[page * PAGE_SIZE..(page + 1) * PAGE_SIZE],
-                        &mut self.segments[first..first + count],
-                    );
+                let per_page = self.segments.chunks_mut(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                for (page, segments) in self.indirect_page.chunks(PAGE_SIZE).zip(per_page) {
+                    decode_indirect_segments(page, segments);
                 }
             }
             RequestBody::Discard { .. } => return false,
@@ -843,7 +848,7 @@ impl QueueThread {
     fn read_indirect_pages(&mut self, grefs: &[GrantRef], n: usize) -> bool {
         let bytes_in = |page: usize| {
             (n - page * blkif::SEGMENTS_PER_INDIRECT_PAGE).min(blkif::SEGMENTS_PER_INDIRECT_PAGE)
-                * blkif::INDIRECT_SEGMENT_SIZE
+                * blkif::SEGMENT_SIZE
         };
         if let Some(persistent) = self.persistent.as_mut() {
             if persistent.has_room_for(grefs.iter().copied()) {
@@ -881,11 +886,16 @@ impl QueueThread {
                 status: gntst::OKAY,
             });
         }
-        self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
         // SAFETY: every local pointer is inside `indirect_page` (8 pages), each segment at
         // most one page, and nothing else touches it during the call.
-        let copied = unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
-        copied.is_ok() && copy_failed(&self.copies).is_none()
+        unsafe {
+            grant_copy(
+                self.grants.as_mut(),
+                &self.stats,
+                CopyDirection::FromGuest,
+                &mut self.copies,
+            )
+        }
     }
 
     fn start_data(
@@ -1040,11 +1050,16 @@ impl QueueThread {
                 s.copy_back.extend_from_slice(&self.copies);
                 return true;
             }
-            self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
             // SAFETY: every local pointer lies inside this request's pool buffer, which the
             // slot owns and nothing else touches until the request completes.
-            let copied = unsafe { self.grants.copy(CopyDirection::FromGuest, &mut self.copies) };
-            return copied.is_ok() && copy_failed(&self.copies).is_none();
+            return unsafe {
+                grant_copy(
+                    self.grants.as_mut(),
+                    &self.stats,
+                    CopyDirection::FromGuest,
+                    &mut self.copies,
+                )
+            };
         }
         let Some(persistent) = self.persistent.as_mut() else {
             return false;
@@ -1366,11 +1381,16 @@ impl QueueThread {
         }
         if s.phase == Phase::Io && s.status == status::OKAY && !s.copy_back.is_empty() {
             let mut copies = std::mem::take(&mut s.copy_back);
-            self.stats.grant_copies.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the local pointers lie inside this slot's pool buffer, whose reads
             // have all completed (pending == 0); nothing else touches it.
-            let copied = unsafe { self.grants.copy(CopyDirection::ToGuest, &mut copies) };
-            let failed = copied.is_err() || copy_failed(&copies).is_some();
+            let failed = !unsafe {
+                grant_copy(
+                    self.grants.as_mut(),
+                    &self.stats,
+                    CopyDirection::ToGuest,
+                    &mut copies,
+                )
+            };
             copies.clear();
             if let Some(Some(s)) = self.slots.get_mut(slot) {
                 s.copy_back = copies;
