@@ -295,7 +295,8 @@ fn vhd_dynamic_and_differencing_chain() {
 /// verifies. On a disk file (O_DIRECT) and a qcow2 in memory over a raw backing on a disk
 /// (cluster boundaries splitting the scattered pieces, reads from the backing, allocating
 /// writes through the worker), both engines. Their indirect pages are kept mapped too: with
-/// every grant under the bound, serve makes no grant copy at all (`grant_copies`).
+/// every grant under the bound, serve makes no grant copy at all (`grant_copies`), eight
+/// 1 MiB requests in flight included.
 #[test]
 fn indirect_requests_on_persistent_pages() {
     const DIRECT_BOUND: u64 = 32 * 11;
@@ -379,6 +380,31 @@ fn indirect_requests_on_persistent_pages() {
         serve.close();
         assert!(check_model(&raw, &model, true) > 0);
     }
+    // Eight 1 MiB requests in flight (256 segments and one indirect page each) fit under
+    // the bound too: none of their pages is grant-copied.
+    let serve = host.serve("vbd", &raw, &[]);
+    let report = host.blkfront_ok(
+        &serve,
+        &[
+            "--workload",
+            "seqread",
+            "--block-size",
+            "1048576",
+            "--iodepth",
+            "8",
+            "--ops",
+            "200",
+            "--persistent",
+        ],
+    );
+    assert_eq!(report["errors"], json!(0), "{report}");
+    let stats = serve.ctl(&json!({"op": "stats"}));
+    assert_eq!(
+        stats["totals"]["grant_copies"],
+        json!(0),
+        "grant copies with 1 MiB requests at QD8: {stats}"
+    );
+    serve.close();
 }
 
 #[test]

@@ -8,15 +8,17 @@ use std::rc::Rc;
 
 use lru::LruCache;
 
-use crate::blkif::MAX_SEGMENTS_PER_REQUEST;
+use crate::blkif::{MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST, SEGMENTS_PER_INDIRECT_PAGE};
 use crate::error::Result;
 use crate::xen::{GrantAccess, GrantMapping, GrantRef};
 
-/// With indirect requests a queue keeps at least this many pages mapped (8 MiB of guest
-/// memory): a whole ring of Linux blkfront's default 32-segment requests (32 x 33 = 1056,
-/// also Linux blkback's default bound) or eight 1 MiB requests, so that such a frontend's
-/// large requests are served on its own pages.
-const INDIRECT_KEPT_PAGES: usize = 2048;
+/// With indirect requests a queue keeps at least this many pages mapped (about 8 MiB of
+/// guest memory): eight 1 MiB requests with their indirect pages (8 x (256 + 1)), or a
+/// whole ring of Linux blkfront's default 32-segment requests (32 x 33 = 1056, also Linux
+/// blkback's default bound), so that such a frontend's large requests are served on its
+/// own pages. One page short, every round of eight such requests grant-copied a few pages.
+const INDIRECT_KEPT_PAGES: usize =
+    8 * (MAX_INDIRECT_SEGMENTS + MAX_INDIRECT_SEGMENTS.div_ceil(SEGMENTS_PER_INDIRECT_PAGE));
 
 /// How many persistent pages a queue of `ring_size` entries keeps: blkif.h's bound, and
 /// with indirect requests (more than 11 segments) at least `INDIRECT_KEPT_PAGES`.
