@@ -399,6 +399,7 @@ fn indirect_requests_on_persistent_pages() {
     );
     assert_eq!(report["errors"], json!(0), "{report}");
     let stats = serve.ctl(&json!({"op": "stats"}));
+    assert_eq!(stats["totals"]["reads"], json!(200), "{stats}");
     assert_eq!(
         stats["totals"]["grant_copies"],
         json!(0),

@@ -16,7 +16,8 @@ use crate::xen::{GrantAccess, GrantMapping, GrantRef};
 /// guest memory): eight 1 MiB requests with their indirect pages (8 x (256 + 1)), or a
 /// whole ring of Linux blkfront's default 32-segment requests (32 x 33 = 1056, also Linux
 /// blkback's default bound), so that such a frontend's large requests are served on its
-/// own pages. One page short, every round of eight such requests grant-copied a few pages.
+/// own pages. Counting data pages only would leave eight such requests 8 pages short, and
+/// a few of their pages grant-copied every round.
 const INDIRECT_KEPT_PAGES: usize =
     8 * (MAX_INDIRECT_SEGMENTS + MAX_INDIRECT_SEGMENTS.div_ceil(SEGMENTS_PER_INDIRECT_PAGE));
 
