@@ -45,7 +45,7 @@ const TOKEN_WORKER: u64 = u64::MAX - 2;
 /// and the queue falls into lockstep with it. Measured, 4 KiB random reads at QD32 on a disk
 /// file, 1 queue: all at once 57k-62k IOPS; 1, 4 or 8 at a time 70k-77k, with serve at 80%
 /// of a core for 1 and 61-64% for 4 and 8. Sending the first ones of a burst at once starts
-/// the device while the rest are taken: 0.88-0.97x fio -> 0.94-1.04x (raw and VHD, same-run
+/// the device while the rest are taken: 0.84-0.97x fio -> 0.94-1.04x (raw and VHD, same-run
 /// pairs), for 3-8 points more CPU; 1 at a time throughout did as well for 13-15 points more.
 /// On tmpfs the I/O completes as it is submitted and the extra system calls only cost
 /// (190k -> 100k-135k IOPS for 1 at a time, io_uring), so there everything taken goes in
