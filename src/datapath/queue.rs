@@ -627,8 +627,8 @@ impl QueueThread {
             if batch_full {
                 group_taken = None;
             }
-            let device_starved = self.engine.in_flight() <= SUBMIT_BATCH;
-            if self.device_backed && (batch_full || device_starved) {
+            // With little in flight, send each at once: the device works while the rest is taken.
+            if self.device_backed && (batch_full || self.engine.in_flight() <= SUBMIT_BATCH) {
                 self.engine.submit()?;
             }
         }
