@@ -31,6 +31,7 @@ use crate::image::chain::BlockStatus;
 use crate::image::{Format, Image, ImageOptions};
 use crate::listener;
 use crate::nbd::{self, Export};
+use crate::sys;
 use crate::xen::linux::LinuxPlatform;
 use crate::xen::sim::SimPlatform;
 use crate::xen::Platform;
@@ -101,6 +102,61 @@ pub struct ServeArgs {
     /// The VBD's device id, for the stats files and the registry when `connect` names none.
     #[arg(long)]
     pub devid: Option<u32>,
+    /// Run each queue's threads on these CPUs: one entry per queue, comma-separated, each a
+    /// CPU (`2`) or a range (`4-7`); queue i takes entry i modulo their number. Default:
+    /// wherever the scheduler puts them.
+    #[arg(long, value_name = "LIST", value_parser = parse_queue_cpus)]
+    pub queue_cpus: Option<QueueCpus>,
+}
+
+/// `--queue-cpus`: the CPUs of each queue, by queue index modulo the length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCpus(pub Vec<Vec<usize>>);
+
+fn parse_queue_cpus(text: &str) -> std::result::Result<QueueCpus, String> {
+    let limit = libc::CPU_SETSIZE as usize;
+    let parse_cpu = |cpu: &str| -> std::result::Result<usize, String> {
+        let cpu = cpu
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{cpu:?} is not a CPU number"))?;
+        if cpu >= limit {
+            return Err(format!("CPU {cpu} is past the kernel's CPU set ({limit})"));
+        }
+        Ok(cpu)
+    };
+    let lists = text
+        .split(',')
+        .map(|entry| match entry.split_once('-') {
+            None => Ok(vec![parse_cpu(entry)?]),
+            Some((first, last)) => {
+                let (first, last) = (parse_cpu(first)?, parse_cpu(last)?);
+                if first > last {
+                    return Err(format!("{entry:?}: the range runs backwards"));
+                }
+                Ok((first..=last).collect())
+            }
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(QueueCpus(lists))
+}
+
+/// `--queue-cpus` checked against the CPUs this process may run on (a cgroup or taskset
+/// may allow fewer than the machine has): a CPU outside them fails here, not at connect.
+fn queue_cpus(requested: Option<&QueueCpus>) -> Result<Vec<Vec<usize>>> {
+    let Some(QueueCpus(lists)) = requested else {
+        return Ok(Vec::new());
+    };
+    let allowed =
+        sys::allowed_cpus().map_err(|err| Error::io("reading the CPUs serve may run on", err))?;
+    if let Some(cpu) = lists.iter().flatten().find(|cpu| !allowed.contains(cpu)) {
+        let allowed: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+        return Err(Error::invalid(format!(
+            "--queue-cpus: CPU {cpu} is not one serve may run on (it may run on {})",
+            allowed.join(",")
+        )));
+    }
+    Ok(lists.clone())
 }
 
 /// The engine for `image`. `auto` picks io_uring, except for an image on tmpfs: there
@@ -197,6 +253,7 @@ pub fn device_from_args(args: &ServeArgs) -> Result<Device> {
         poll_window: Duration::from_micros(args.poll_us),
         pool_bytes: args.pool_kib * 1024,
         register_buffers: args.fixed_buffers,
+        queue_cpus: queue_cpus(args.queue_cpus.as_ref())?,
     };
     Ok(Device::new(image, config, platform))
 }
@@ -767,4 +824,31 @@ fn info(vbd: &Vbd) -> Value {
         reply["error"] = json!(failure);
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_cpus_parse_cpus_and_ranges_and_refuse_the_rest() {
+        assert_eq!(
+            parse_queue_cpus("3,0-2,7"),
+            Ok(QueueCpus(vec![vec![3], vec![0, 1, 2], vec![7]]))
+        );
+        for (bad, why) in [
+            ("", "\"\" is not a CPU number"),
+            ("1,,2", "\"\" is not a CPU number"),
+            ("a", "\"a\" is not a CPU number"),
+            ("-1", "\"\" is not a CPU number"),
+            ("4-2", "\"4-2\": the range runs backwards"),
+            ("1024", "CPU 1024 is past the kernel's CPU set (1024)"),
+            (
+                "0-99999999999",
+                "CPU 99999999999 is past the kernel's CPU set (1024)",
+            ),
+        ] {
+            assert_eq!(parse_queue_cpus(bad), Err(why.to_string()), "{bad:?}");
+        }
+    }
 }

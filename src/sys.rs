@@ -1,4 +1,5 @@
-//! The few system calls std does not wrap. Every `unsafe` of the image layer lives here.
+//! The few system calls std does not wrap. Every `unsafe` of the image layer, and of where
+//! serve's threads run, lives here.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -107,4 +108,44 @@ pub fn direct_io_alignment(fd: &impl AsRawFd) -> Option<u32> {
         return None;
     }
     Some(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align))
+}
+
+/// The CPUs the calling thread may run on, in ascending order.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bitmask; all-zero bytes are the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the kernel writes at most the size given into
+    // the set, a live local of that size.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, inside the set.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Let the calling thread run on `cpus` only (threads it starts afterwards inherit this).
+pub fn run_current_thread_on(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bitmask; all-zero bytes are the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is past the kernel's CPU set"),
+            ));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE (checked above), inside the set.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the kernel reads the size given from the set, a
+    // live local of that size.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

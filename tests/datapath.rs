@@ -720,3 +720,132 @@ impl FullRing {
         }
     }
 }
+
+/// A CPU list as the kernel prints it (`0-3,6`).
+fn parse_cpu_list(text: &str) -> Vec<usize> {
+    text.trim()
+        .split(',')
+        .flat_map(|entry| match entry.split_once('-') {
+            Some((first, last)) => {
+                (first.parse::<usize>().unwrap()..=last.parse::<usize>().unwrap()).collect()
+            }
+            None => vec![entry.parse::<usize>().unwrap()],
+        })
+        .collect()
+}
+
+/// `Cpus_allowed_list` of /proc/`pid`/task/`tid`/status (or of the process, `tid` = pid).
+fn allowed_cpus(pid: u32, tid: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    parse_cpu_list(line)
+}
+
+/// `--queue-cpus` puts each queue thread, and the worker it starts, on its entry's CPUs
+/// (queue i on entry i modulo their number), the queues serve as before, and the rest of
+/// the process keeps every CPU. A CPU the process may not run on is refused at start.
+#[test]
+fn queue_cpus_place_each_queue_and_its_worker() {
+    use common::blkif::{ask, direct, granted_frame, whole_page};
+    use ferrotap::blkif::{op, status};
+    use ferrotap::xensim::blkfront::{Blkfront, FrontConfig};
+
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let image = dir.path().join("disk.raw");
+    patterned_raw(&image);
+    let mine = allowed_cpus(std::process::id(), &std::process::id().to_string());
+    let (first, last) = (mine[0], mine[mine.len() - 1]);
+    let host = SimHost::new();
+    // Two entries for three queues: queue 2 wraps to the first entry.
+    let spec = format!("{last},{first}");
+    let serve = host.serve("vbd", &image, &["--queue-cpus", &spec]);
+    let mut config = FrontConfig::new(host.path().to_path_buf(), serve.control.clone());
+    config.queues = 3;
+    let mut fe = Blkfront::connect(&config).unwrap();
+    for queue in 0..3 {
+        let sector = 8 * queue as u64 + 1;
+        let (gref, gfn) = granted_frame(&fe, false);
+        let response = ask(
+            &mut fe,
+            queue,
+            &direct(op::READ, queue as u64, sector, &[whole_page(gref)]),
+        );
+        assert_eq!(response.status, status::OKAY, "read on queue {queue}");
+        let memory = std::fs::read(fe.memory().path()).unwrap();
+        let at = gfn as usize * 4096;
+        let word = u64::from_le_bytes(memory[at..at + 8].try_into().unwrap());
+        assert_eq!(
+            word,
+            sector ^ 0xfeed_0000,
+            "queue {queue} read the wrong sector"
+        );
+    }
+    let expected = |queue: usize| {
+        if queue.is_multiple_of(2) {
+            vec![last]
+        } else {
+            vec![first]
+        }
+    };
+    let pid = serve.pid();
+    let mut placed = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        let comm = comm.trim().to_string();
+        let cpus = allowed_cpus(pid, &tid);
+        // Queue threads are ferrotap-qN, their workers ferrotap-wN.M.
+        let queue = comm
+            .strip_prefix("ferrotap-q")
+            .or_else(|| comm.strip_prefix("ferrotap-w"))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|index| index.parse::<usize>().ok());
+        match queue {
+            Some(queue) => {
+                assert_eq!(cpus, expected(queue), "{comm}");
+                placed.push(comm);
+            }
+            None => assert_eq!(cpus, mine, "{comm} should keep every CPU"),
+        }
+    }
+    placed.sort();
+    assert_eq!(
+        placed,
+        [
+            "ferrotap-q0",
+            "ferrotap-q1",
+            "ferrotap-q2",
+            "ferrotap-w0.0",
+            "ferrotap-w1.0",
+            "ferrotap-w2.0"
+        ],
+        "the queue threads and their workers"
+    );
+    drop(fe);
+    serve.close();
+
+    // A CPU outside the process's set: serve names it and exits before listening.
+    let outside = (0..1024).find(|cpu| !mine.contains(cpu)).unwrap();
+    let out = ferrotap()
+        .args(["serve", "--xensim"])
+        .arg(host.path())
+        .arg("--control")
+        .arg(host.path().join("refused.ctl"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--queue-cpus", &format!("{first},{outside}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--queue-cpus: CPU {outside} is not one serve may run on"
+        )),
+        "{stderr}"
+    );
+    assert!(!host.path().join("refused.ctl").exists());
+}

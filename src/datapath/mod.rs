@@ -62,6 +62,9 @@ pub struct DeviceConfig {
     pub pool_bytes: usize,
     /// Register the buffer pool with io_uring (fixed buffers; pins the pool in memory).
     pub register_buffers: bool,
+    /// The CPUs each queue's threads run on: queue i takes entry i modulo the length.
+    /// Empty: wherever the scheduler puts them.
+    pub queue_cpus: Vec<Vec<usize>>,
 }
 
 /// One queue's ring as the frontend describes it.

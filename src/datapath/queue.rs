@@ -30,6 +30,7 @@ use crate::blkif::{
 use crate::engine::{new_engine, Completion, Engine, Op};
 use crate::error::{Error, Result};
 use crate::image::{Image, ImageFile, Layer, Mapping};
+use crate::sys;
 use crate::xen::{
     gntst, CopyDirection, CopySegment, EventChannel, GrantAccess, GrantMapping, GrantRef,
 };
@@ -211,6 +212,13 @@ impl QueueThread {
 
     fn new(setup: QueueSetup) -> Result<QueueThread> {
         let config = &setup.shared.config;
+        // First, so that the worker started below inherits the CPUs, and the pool and the
+        // engine's rings are first touched there.
+        if !config.queue_cpus.is_empty() {
+            let cpus = &config.queue_cpus[setup.index % config.queue_cpus.len()];
+            sys::run_current_thread_on(cpus)
+                .map_err(|err| Error::io(&format!("running on CPUs {cpus:?}"), err))?;
+        }
         let pages = setup.ring.len() / PAGE_SIZE;
         let ring_size = ring_entries(pages, setup.protocol) as usize;
         // SAFETY: the mapping is `len()` bytes, writable, and outlives the BackRing: both
